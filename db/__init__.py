@@ -1,0 +1,1 @@
+"""SQL that invokes ML: DuckDB, local MySQL/MariaDB and Aurora MySQL functions."""

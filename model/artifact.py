@@ -1,0 +1,207 @@
+"""The recsql artifact: a model directory, tarred as `model.tar.gz` for SageMaker.
+
+    model_dir/
+      recsql.json            format, kind, architecture, training config and metrics
+      weights.safetensors    tensors (no code runs on load)
+      user_index.csv         user_id,user      (external id -> embedding row)
+      product_index.csv      product_id,item
+      metrics.json, curves.png   written by training, not needed to serve
+
+`load_model(dir)` reads any servable model directory: a recsql MFBlock, a
+recsql tabular model, or a seed MXNet MFBlock directory (read without MXNet).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from model.errors import ArtifactError
+from model.recommender import Recommender
+
+FORMAT_VERSION = 1
+MANIFEST = "recsql.json"
+WEIGHTS = "weights.safetensors"
+USER_INDEX = "user_index.csv"
+PRODUCT_INDEX = "product_index.csv"
+
+# kind -> loader(model_dir, manifest); other model modules add themselves here.
+LOADERS: dict[str, Callable[[Path, dict[str, Any]], Any]] = {}
+
+
+def write_manifest(model_dir: Path, kind: str, **fields: Any) -> None:
+    manifest = {"format": "recsql", "format_version": FORMAT_VERSION, "kind": kind, **fields}
+    (Path(model_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable))
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: cannot read the model manifest ({exc})") from exc
+    if manifest.get("format") != "recsql" or not isinstance(manifest.get("kind"), str):
+        raise ArtifactError(f"{path}: not a recsql manifest")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format_version {manifest['format_version']} is newer than this recsql reads"
+            f" ({FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in the manifest")
+
+
+def write_index(path: Path, id_column: str, row_column: str, ids: np.ndarray) -> None:
+    """Write `id,row` lines, row = position in `ids`."""
+    ids = np.asarray(ids, dtype=np.int64)
+    rows = np.arange(len(ids))
+    body = "\n".join(f"{i},{r}" for i, r in zip(ids.tolist(), rows.tolist(), strict=True))
+    Path(path).write_text(f"{id_column},{row_column}\n{body}\n" if len(ids) else f"{id_column},{row_column}\n")
+
+
+def read_index(path: Path, id_column: str, row_column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read an `id,row` CSV (any column order, extra columns ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: index file missing")
+    try:
+        con = duckdb.connect()
+        rel = con.read_csv(str(path), header=True, all_varchar=True)
+        if id_column not in rel.columns or row_column not in rel.columns:
+            raise ArtifactError(
+                f"{path}: expected columns {id_column},{row_column}; found {','.join(rel.columns)}"
+            )
+        cols = con.sql(
+            f'SELECT CAST("{id_column}" AS BIGINT) AS i, CAST("{row_column}" AS BIGINT) AS r FROM rel'
+        ).fetchnumpy()
+    except duckdb.Error as exc:
+        raise ArtifactError(f"{path}: cannot read the index ({exc})") from exc
+    return np.asarray(cols["i"], np.int64), np.asarray(cols["r"], np.int64)
+
+
+def save_mfblock(
+    model_dir: Path,
+    weights: dict[str, np.ndarray],
+    user_ids: np.ndarray,
+    product_ids: np.ndarray,
+    **manifest_fields: Any,
+) -> Path:
+    """Write an MFBlock artifact. `weights` uses MFBlock's parameter names."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+    save_file(tensors, str(model_dir / WEIGHTS))
+    write_index(model_dir / USER_INDEX, "user_id", "user", user_ids)
+    write_index(model_dir / PRODUCT_INDEX, "product_id", "item", product_ids)
+    write_manifest(model_dir, "mfblock", **manifest_fields)
+    return model_dir
+
+
+def _load_mfblock(model_dir: Path, manifest: dict[str, Any]) -> Recommender:
+    try:
+        weights = load_file(str(model_dir / WEIGHTS))
+    except (OSError, ValueError, Exception) as exc:  # safetensors raises its own error type
+        raise ArtifactError(f"{model_dir / WEIGHTS}: cannot read weights ({exc})") from exc
+    user_ids, user_rows = read_index(model_dir / USER_INDEX, "user_id", "user")
+    item_ids, item_rows = read_index(model_dir / PRODUCT_INDEX, "product_id", "item")
+    _check_rows(user_rows, weights["user_embeddings.weight"].shape[0], model_dir / USER_INDEX)
+    _check_rows(item_rows, weights["item_embeddings.weight"].shape[0], model_dir / PRODUCT_INDEX)
+    return Recommender.from_weights(
+        weights,
+        user_ids,
+        item_ids,
+        user_rows,
+        item_rows,
+        global_mean=float(manifest.get("global_mean", 0.0)),
+        item_popularity=weights.get("item_popularity"),
+        info={**manifest, "source": "recsql"},
+    )
+
+
+def _check_rows(rows: np.ndarray, n: int, path: Path) -> None:
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise ArtifactError(f"{path}: row numbers outside the {n}-row embedding table")
+
+
+LOADERS["mfblock"] = _load_mfblock
+
+
+def load_model(model_dir: str | Path) -> Any:
+    """Load any servable model directory into its in-memory model."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ArtifactError(f"{model_dir}: model directory not found")
+    if (model_dir / MANIFEST).is_file():
+        manifest = read_manifest(model_dir)
+        loader = LOADERS.get(manifest["kind"])
+        if loader is None:
+            _import_optional_loaders()
+            loader = LOADERS.get(manifest["kind"])
+        if loader is None:
+            raise ArtifactError(f"{model_dir}: unknown model kind {manifest['kind']!r}")
+        return loader(model_dir, manifest)
+    if (model_dir / "MFBlock.params").is_file():
+        from model.mxnet import load_seed_artifact
+
+        return load_seed_artifact(model_dir)
+    raise ArtifactError(
+        f"{model_dir}: no {MANIFEST} (recsql artifact) and no MFBlock.params (seed artifact)"
+    )
+
+
+def _import_optional_loaders() -> None:
+    import importlib
+
+    for name in ("model.tabular",):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+
+
+def pack(model_dir: Path, tar_path: Path) -> Path:
+    """Tar a model directory's contents (not the directory itself) as model.tar.gz."""
+    model_dir, tar_path = Path(model_dir), Path(tar_path)
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for child in sorted(model_dir.iterdir()):
+            tar.add(child, arcname=child.name)
+    return tar_path
+
+
+def safe_extract(tar_path: Path, dest: Path) -> Path:
+    """Extract model.tar.gz, refusing absolute paths, `..`, links and devices."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                name = member.name
+                if name.startswith("/") or Path(name).is_absolute():
+                    raise ArtifactError(f"{tar_path}: refusing absolute path {name!r}")
+                if ".." in Path(name).parts:
+                    raise ArtifactError(f"{tar_path}: refusing path with '..': {name!r}")
+                if not (member.isfile() or member.isdir()):
+                    raise ArtifactError(f"{tar_path}: refusing link or special file {name!r}")
+                if not (root / name).resolve().is_relative_to(root):
+                    raise ArtifactError(f"{tar_path}: refusing path outside the target: {name!r}")
+            tar.extractall(dest, members=members, filter="data")
+    except tarfile.TarError as exc:
+        raise ArtifactError(f"{tar_path}: not a readable tar archive ({exc})") from exc
+    return dest

@@ -1,0 +1,1 @@
+"""The inference server: SageMaker-compatible HTTP in front of any recsql model."""

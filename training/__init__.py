@@ -1,0 +1,1 @@
+"""From REES46 event logs (and tabular CSVs) to trained recsql artifacts."""
