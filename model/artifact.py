@@ -47,9 +47,16 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path}: cannot read the model manifest ({exc})") from exc
-    if manifest.get("format") != "recsql" or not isinstance(manifest.get("kind"), str):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != "recsql"
+        or not isinstance(manifest.get("kind"), str)
+    ):
         raise ArtifactError(f"{path}: not a recsql manifest")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ArtifactError(f"{path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: format_version {manifest['format_version']} is newer than this recsql reads"
             f" ({FORMAT_VERSION})"
@@ -70,7 +77,9 @@ def write_index(path: Path, id_column: str, row_column: str, ids: np.ndarray) ->
     ids = np.asarray(ids, dtype=np.int64)
     rows = np.arange(len(ids))
     body = "\n".join(f"{i},{r}" for i, r in zip(ids.tolist(), rows.tolist(), strict=True))
-    Path(path).write_text(f"{id_column},{row_column}\n{body}\n" if len(ids) else f"{id_column},{row_column}\n")
+    Path(path).write_text(
+        f"{id_column},{row_column}\n{body}\n" if len(ids) else f"{id_column},{row_column}\n"
+    )
 
 
 def read_index(path: Path, id_column: str, row_column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -85,8 +94,18 @@ def read_index(path: Path, id_column: str, row_column: str) -> tuple[np.ndarray,
             raise ArtifactError(
                 f"{path}: expected columns {id_column},{row_column}; found {','.join(rel.columns)}"
             )
+        bad = con.sql(
+            f"""SELECT count(*) FROM rel
+            WHERE NOT regexp_full_match(coalesce(trim("{id_column}"), ''), '-?[0-9]+')
+               OR NOT regexp_full_match(coalesce(trim("{row_column}"), ''), '[0-9]+')"""
+        ).fetchall()[0][0]
+        if bad:
+            raise ArtifactError(
+                f"{path}: {bad} line(s) where {id_column} or {row_column} is not an integer"
+            )
         cols = con.sql(
-            f'SELECT CAST("{id_column}" AS BIGINT) AS i, CAST("{row_column}" AS BIGINT) AS r FROM rel'
+            f'SELECT CAST("{id_column}" AS BIGINT) AS i, '
+            f'CAST("{row_column}" AS BIGINT) AS r FROM rel'
         ).fetchnumpy()
     except duckdb.Error as exc:
         raise ArtifactError(f"{path}: cannot read the index ({exc})") from exc
@@ -116,20 +135,54 @@ def _load_mfblock(model_dir: Path, manifest: dict[str, Any]) -> Recommender:
         weights = load_file(str(model_dir / WEIGHTS))
     except (OSError, ValueError, Exception) as exc:  # safetensors raises its own error type
         raise ArtifactError(f"{model_dir / WEIGHTS}: cannot read weights ({exc})") from exc
+    _check_mfblock_shapes(weights, model_dir / WEIGHTS)
     user_ids, user_rows = read_index(model_dir / USER_INDEX, "user_id", "user")
     item_ids, item_rows = read_index(model_dir / PRODUCT_INDEX, "product_id", "item")
     _check_rows(user_rows, weights["user_embeddings.weight"].shape[0], model_dir / USER_INDEX)
     _check_rows(item_rows, weights["item_embeddings.weight"].shape[0], model_dir / PRODUCT_INDEX)
-    return Recommender.from_weights(
-        weights,
-        user_ids,
-        item_ids,
-        user_rows,
-        item_rows,
-        global_mean=float(manifest.get("global_mean", 0.0)),
-        item_popularity=weights.get("item_popularity"),
-        info={**manifest, "source": "recsql"},
+    try:
+        return Recommender.from_weights(
+            weights,
+            user_ids,
+            item_ids,
+            user_rows,
+            item_rows,
+            global_mean=float(manifest.get("global_mean", 0.0)),
+            item_popularity=weights.get("item_popularity"),
+            info={**manifest, "source": "recsql"},
+        )
+    except ValueError as exc:  # IdIndex: duplicate ids
+        raise ArtifactError(f"{model_dir}: {exc}") from exc
+
+
+def _check_mfblock_shapes(weights: dict[str, np.ndarray], path: Path) -> None:
+    """Every MFBlock tensor present, with shapes that fit together."""
+    names = (
+        "user_embeddings.weight",
+        "item_embeddings.weight",
+        "dense_user.weight",
+        "dense_user.bias",
+        "dense_item.weight",
+        "dense_item.bias",
     )
+    missing = [name for name in names if name not in weights]
+    if missing:
+        raise ArtifactError(f"{path}: missing tensor(s) {', '.join(missing)}")
+    e = weights["dense_user.bias"].shape[0] if weights["dense_user.bias"].ndim == 1 else -1
+    expected = {
+        "user_embeddings.weight": (None, e),
+        "item_embeddings.weight": (None, e),
+        "dense_user.weight": (e, e),
+        "dense_user.bias": (e,),
+        "dense_item.weight": (e, e),
+        "dense_item.bias": (e,),
+    }
+    for name, shape in expected.items():
+        got = weights[name].shape
+        if len(got) != len(shape) or any(
+            s is not None and g != s for g, s in zip(got, shape, strict=True)
+        ):
+            raise ArtifactError(f"{path}: {name} has shape {got}; expected {shape}")
 
 
 def _check_rows(rows: np.ndarray, n: int, path: Path) -> None:

@@ -48,7 +48,9 @@ class MFBlock(nn.Module):
         return (a * b).sum(dim=1)
 
     @torch.no_grad()
-    def init_weights(self, scheme: str = "normal", generator: torch.Generator | None = None) -> None:
+    def init_weights(
+        self, scheme: str = "normal", generator: torch.Generator | None = None
+    ) -> None:
         """Initialise all parameters.
 
         `seed` reproduces the seed's `mx.init.Xavier(magnitude=60)` (uniform,

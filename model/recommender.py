@@ -27,7 +27,9 @@ class IdIndex:
         self.sorted_rows = rows[order]
         if len(ids) > 1 and np.any(self.sorted_ids[1:] == self.sorted_ids[:-1]):
             raise ValueError("the id index holds duplicate ids")
-        self.ids_by_row = np.empty(len(ids), dtype=np.int64)
+        # rows may skip table rows or exceed len(ids); -1 marks a row no id names
+        size = max(len(ids), int(rows.max()) + 1 if len(rows) else 0)
+        self.ids_by_row = np.full(size, -1, dtype=np.int64)
         self.ids_by_row[rows] = ids
 
     def __len__(self) -> int:
@@ -77,10 +79,14 @@ class Recommender:
         **kwargs: Any,
     ) -> Recommender:
         user_vectors = relu_tower(
-            weights["user_embeddings.weight"], weights["dense_user.weight"], weights["dense_user.bias"]
+            weights["user_embeddings.weight"],
+            weights["dense_user.weight"],
+            weights["dense_user.bias"],
         )
         item_vectors = relu_tower(
-            weights["item_embeddings.weight"], weights["dense_item.weight"], weights["dense_item.bias"]
+            weights["item_embeddings.weight"],
+            weights["dense_item.weight"],
+            weights["dense_item.bias"],
         )
         return cls(
             user_vectors=np.ascontiguousarray(user_vectors),
@@ -134,6 +140,8 @@ class Recommender:
         row = int(self.users.rows(np.array([user_id]))[0])
         if row < 0 or k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
+        if candidates is None and len(self.items) < len(self.item_vectors):
+            candidates = self.items.sorted_ids  # rows no id names cannot be returned
         if candidates is not None:
             item_rows = self.items.rows(candidates)
             item_rows = np.unique(item_rows[item_rows >= 0])
@@ -163,5 +171,7 @@ class Recommender:
             "num_items": int(self.item_vectors.shape[0]),
             "num_emb": int(self.user_vectors.shape[1]),
             "inputs": ["user_id", "product_id"],
-            **{k: v for k, v in self.info.items() if k in ("objective", "source", "format_version")},
+            **{
+                k: v for k, v in self.info.items() if k in ("objective", "source", "format_version")
+            },
         }

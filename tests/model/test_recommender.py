@@ -1,0 +1,174 @@
+"""IdIndex and Recommender: id lookups, pair scores, top-K, fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.recommender import IdIndex, Recommender, relu_tower
+
+# --- IdIndex ----------------------------------------------------------------------------------
+
+
+def test_id_index_maps_known_ids_and_marks_unknown() -> None:
+    index = IdIndex(np.array([900, -5, 2**62, 17]))
+    rows = index.rows(np.array([17, 900, 18, -5, 2**62, 0, -(2**63), 2**63 - 1]))
+    np.testing.assert_array_equal(rows, [3, 0, -1, 1, 2, -1, -1, -1])
+    assert len(index) == 4
+
+
+def test_id_index_with_arbitrary_row_order() -> None:
+    ids = np.array([40, 10, 30, 20])
+    rows = np.array([1, 3, 0, 2])
+    index = IdIndex(ids, rows)
+    np.testing.assert_array_equal(index.rows(np.array([10, 20, 30, 40, 50])), [3, 2, 0, 1, -1])
+    np.testing.assert_array_equal(index.ids_by_row, [30, 40, 20, 10])
+
+
+def test_id_index_keeps_the_query_shape() -> None:
+    index = IdIndex(np.array([5, 6]))
+    np.testing.assert_array_equal(index.rows(np.array([[5, 7], [6, 5]])), [[0, -1], [1, 0]])
+
+
+def test_id_index_refuses_duplicates() -> None:
+    with pytest.raises(ValueError, match="duplicate"):
+        IdIndex(np.array([3, 1, 3]))
+
+
+def test_empty_id_index_knows_nothing() -> None:
+    index = IdIndex(np.array([], dtype=np.int64))
+    np.testing.assert_array_equal(index.rows(np.array([0, 1])), [-1, -1])
+
+
+def test_id_index_may_name_only_some_rows() -> None:
+    """An index naming rows 0 and 4 of a bigger table (rows beyond len(ids))."""
+    index = IdIndex(np.array([70, 80]), np.array([4, 0]))
+    np.testing.assert_array_equal(index.rows(np.array([70, 80, 90])), [4, 0, -1])
+
+
+# --- Recommender ------------------------------------------------------------------------------
+
+USER_IDS = np.array([101, 102, 103])
+ITEM_IDS = np.array([7, 8, 9, 10, 11])
+
+
+def make_recommender(**kwargs) -> Recommender:
+    rng = np.random.default_rng(0)
+    e = 3
+    weights = {
+        "user_embeddings.weight": rng.normal(size=(3, e)),
+        "item_embeddings.weight": rng.normal(size=(5, e)),
+        "dense_user.weight": rng.normal(size=(e, e)),
+        "dense_user.bias": np.full(e, 0.5),
+        "dense_item.weight": rng.normal(size=(e, e)),
+        "dense_item.bias": np.full(e, 0.5),
+    }
+    return Recommender.from_weights(weights, USER_IDS, ITEM_IDS, **kwargs)
+
+
+def brute_force_scores(rec: Recommender, user_id: int) -> dict[int, float]:
+    u = int(np.flatnonzero(USER_IDS == user_id)[0])
+    return {
+        int(i): float(rec.user_vectors[u] @ rec.item_vectors[r]) for r, i in enumerate(ITEM_IDS)
+    }
+
+
+def test_relu_tower_matches_definition() -> None:
+    e = np.array([[1.0, -2.0], [0.5, 0.5]])
+    w = np.array([[1.0, 0.0], [1.0, 1.0]])
+    b = np.array([0.0, 0.25])
+    np.testing.assert_allclose(relu_tower(e, w, b), [[1.0, 0.0], [0.5, 1.25]])
+
+
+def test_score_pairs_and_unknowns() -> None:
+    rec = make_recommender()
+    users = np.array([101, 103, 999, 102, 101])
+    items = np.array([9, 7, 7, 12345, 11])
+    got = rec.score(users, items)
+    assert got.dtype == np.float32
+    assert got[0] == pytest.approx(brute_force_scores(rec, 101)[9], rel=1e-6)
+    assert got[1] == pytest.approx(brute_force_scores(rec, 103)[7], rel=1e-6)
+    assert np.isnan(got[2]) and np.isnan(got[3])
+    assert got[4] == pytest.approx(brute_force_scores(rec, 101)[11], rel=1e-6)
+
+
+def test_score_empty_batch() -> None:
+    assert make_recommender().score(np.array([], np.int64), np.array([], np.int64)).shape == (0,)
+
+
+def test_top_k_is_the_best_k_in_order() -> None:
+    rec = make_recommender()
+    for user in USER_IDS:
+        truth = brute_force_scores(rec, int(user))
+        ids, scores = rec.top_k(int(user), k=3)
+        # ties (dead ReLU units score 0) may come in any order: compare scores, then ids' scores
+        np.testing.assert_allclose(scores, sorted(truth.values(), reverse=True)[:3], rtol=1e-6)
+        np.testing.assert_allclose(scores, [truth[i] for i in ids.tolist()], rtol=1e-6)
+        assert len(set(ids.tolist())) == 3
+
+
+def test_top_k_larger_than_catalogue_returns_everything() -> None:
+    rec = make_recommender()
+    ids, scores = rec.top_k(102, k=1000)
+    assert sorted(ids.tolist()) == ITEM_IDS.tolist()
+    assert np.all(np.diff(scores) <= 0)
+
+
+def test_top_k_with_candidates_and_exclude() -> None:
+    rec = make_recommender()
+    all_scores = brute_force_scores(rec, 101)
+    ids, scores = rec.top_k(101, k=10, candidates=np.array([11, 7, 7, 424242, 9]))
+    assert ids.tolist() == sorted([11, 7, 9], key=lambda i: -all_scores[i])
+    ids, _ = rec.top_k(101, k=10, candidates=np.array([11, 7, 9]), exclude=np.array([7, 5555]))
+    assert sorted(ids.tolist()) == [9, 11]
+    ids, _ = rec.top_k(101, k=10, exclude=np.array([8, 10]))
+    assert sorted(ids.tolist()) == [7, 9, 11]
+
+
+def test_top_k_edge_cases_return_empty() -> None:
+    rec = make_recommender()
+    for ids, scores in (
+        rec.top_k(999, k=3),  # unknown user
+        rec.top_k(101, k=0),
+        rec.top_k(101, k=3, candidates=np.array([424242])),
+        rec.top_k(101, k=3, exclude=ITEM_IDS),
+    ):
+        assert ids.dtype == np.int64 and scores.dtype == np.float32
+        assert len(ids) == len(scores) == 0
+
+
+def test_top_k_never_returns_rows_without_an_id() -> None:
+    """A product index naming only some table rows: the others must not be recommended."""
+    rng = np.random.default_rng(1)
+    weights = {
+        "user_embeddings.weight": rng.normal(size=(1, 2)),
+        "item_embeddings.weight": rng.normal(size=(6, 2)),
+        "dense_user.weight": np.eye(2),
+        "dense_user.bias": np.ones(2),
+        "dense_item.weight": np.eye(2),
+        "dense_item.bias": np.ones(2),
+    }
+    rec = Recommender.from_weights(
+        weights, np.array([1]), np.array([50, 60]), np.array([0]), np.array([5, 2])
+    )
+    ids, scores = rec.top_k(1, k=10)
+    assert sorted(ids.tolist()) == [50, 60]
+    np.testing.assert_allclose(scores, sorted(rec.score(np.array([1, 1]), ids), reverse=True))
+
+
+def test_fallback_policies() -> None:
+    popularity = np.array([0.1, 0.2, 0.3, 0.4, 0.5], dtype=np.float32)
+    rec = make_recommender(global_mean=2.5, item_popularity=popularity)
+    products = np.array([9, 4242, 7])
+    assert np.isnan(rec.fallback_scores(products, "null")).all()
+    np.testing.assert_array_equal(rec.fallback_scores(products, "mean"), [2.5, 2.5, 2.5])
+    np.testing.assert_allclose(rec.fallback_scores(products, "popularity"), [0.3, 2.5, 0.1])
+    without = make_recommender(global_mean=1.5)
+    np.testing.assert_array_equal(without.fallback_scores(products, "popularity"), [1.5] * 3)
+
+
+def test_describe() -> None:
+    rec = make_recommender(info={"source": "test", "secret": "x"})
+    d = rec.describe()
+    assert (d["num_users"], d["num_items"], d["num_emb"]) == (3, 5, 3)
+    assert d["source"] == "test" and "secret" not in d
