@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-_COMMAND_MODULES = ("training.cli", "serve.cli", "db.cli")
+_COMMAND_MODULES = ("training.cli", "serve.cli", "serve.deploy", "db.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

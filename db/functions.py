@@ -1,0 +1,87 @@
+"""One definition per SQL function; every engine's DDL is generated from it.
+
+A function names an endpoint (never a URL): Aurora resolves the name to a
+SageMaker endpoint, the MariaDB/MySQL loadable function resolves it through a
+server-side allow-list file, DuckDB through the endpoints the caller configured.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.errors import DataError
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_ENDPOINT = re.compile(r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,62}$")  # SageMaker endpoint name rules
+SQL_TYPES = ("BIGINT", "INT", "INTEGER", "DOUBLE", "FLOAT", "DECIMAL", "VARCHAR", "TEXT")
+
+
+@dataclass(frozen=True)
+class Argument:
+    name: str
+    sql_type: str  # e.g. BIGINT, DOUBLE, VARCHAR(64)
+
+    def __post_init__(self) -> None:
+        if not _IDENT.match(self.name):
+            raise DataError(f"bad argument name {self.name!r}")
+        base = self.sql_type.split("(")[0].strip().upper()
+        if base not in SQL_TYPES:
+            raise DataError(f"argument {self.name}: unsupported type {self.sql_type!r}")
+
+
+@dataclass(frozen=True)
+class SqlFunction:
+    name: str
+    args: tuple[Argument, ...]
+    returns: str = "FLOAT"  # numeric, or VARCHAR(n) (utf8mb4 on Aurora)
+    endpoint: str = "recsql"
+    target_model: str | None = None  # multi-model endpoints: X-Amzn-SageMaker-Target-Model
+    max_batch_size: int = 10000
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not _IDENT.match(self.name):
+            raise DataError(f"bad function name {self.name!r}")
+        if not _ENDPOINT.match(self.endpoint):
+            raise DataError(f"function {self.name}: bad endpoint name {self.endpoint!r}")
+        if not 1 <= self.max_batch_size <= 10000:
+            raise DataError(f"function {self.name}: max_batch_size must be 1..10000")
+
+    @property
+    def returns_text(self) -> bool:
+        return self.returns.upper().startswith(("VARCHAR", "TEXT"))
+
+
+WILL_PURCHASE = SqlFunction(
+    "will_purchase",
+    (Argument("user_id", "BIGINT"), Argument("product_id", "BIGINT")),
+    "FLOAT",
+    description="MFBlock score of a (user, product) pair; NULL when either id is unknown.",
+)
+
+DEFAULT_FUNCTIONS: tuple[SqlFunction, ...] = (WILL_PURCHASE,)
+
+
+def load_functions(path: Path) -> list[SqlFunction]:
+    """Read function definitions from JSON: a list of
+    {"name", "args": [[name, type], ...], "returns", "endpoint", "target_model", "max_batch_size"}.
+    """
+    try:
+        items = json.loads(Path(path).read_text())
+        return [
+            SqlFunction(
+                name=item["name"],
+                args=tuple(Argument(n, t) for n, t in item["args"]),
+                returns=item.get("returns", "FLOAT"),
+                endpoint=item.get("endpoint", "recsql"),
+                target_model=item.get("target_model"),
+                max_batch_size=int(item.get("max_batch_size", 10000)),
+                description=item.get("description", ""),
+            )
+            for item in items
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: cannot read function definitions ({exc})") from exc
