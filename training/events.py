@@ -1,0 +1,466 @@
+"""REES46 event files -> indexed train/test arrays (the seed's preparation, at full scale).
+
+Semantics (the seed's, kept exactly, except its last-event bug):
+
+- Weight per event: purchase 4, cart 3, remove_from_cart 2, anything else 1.
+- Rows with an empty user_id or product_id (or event_time) are counted and skipped first.
+- One pass of the >= `min_events` filter: count events per user and per product on the full
+  data, keep the rows whose user AND product both reach the threshold (no fixed point).
+- Index: row 0 is the user (product) with the most events in the kept data; descending count,
+  ties broken by ascending id (the seed used pandas value_counts, whose tie order is arbitrary).
+- Test set: each user's last kept event by event_time, ties broken by file order (files in the
+  order given, folders expanded sorted by name, then line order). The seed's merges reordered
+  rows, so its "last" event was truly the last for only 7% of users; here it is the real one.
+- Training set: every kept row (duplicates kept, one sample per row) except those whose
+  (user, product) pair is a test pair, in file and line order (the trainer shuffles).
+
+DuckDB does the work in bounded memory (memory_limit, spilling to temp_directory). Each file
+is appended to one table in order: DuckDB preserves insertion order for a single-table
+INSERT ... SELECT, so `rowid` is the global file/line order that breaks event_time ties.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+import logging
+import re
+import resource
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+from tqdm import tqdm
+
+from model.artifact import write_index
+from model.errors import DataError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("event_time", "event_type", "product_id", "user_id")
+EVENT_WEIGHTS = {"purchase": 4, "cart": 3, "remove_from_cart": 2}  # anything else: 1
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
+PREPARED_MARKER = "prepared.json"
+_ARRAYS = {
+    "train_users": np.int32,
+    "train_items": np.int32,
+    "train_labels": np.float32,
+    "test_users": np.int32,
+    "test_items": np.int32,
+    "test_labels": np.float32,
+    "user_ids": np.int64,
+    "product_ids": np.int64,
+}
+_DEFAULT_MEMORY_LIMIT = "4GB"
+
+
+@dataclass
+class PreparedEvents:
+    train_users: np.ndarray  # int32 row numbers into user_ids
+    train_items: np.ndarray  # int32 row numbers into product_ids
+    train_labels: np.ndarray  # float32 event weights, one sample per kept event row
+    test_users: np.ndarray  # int32, one per user (their last event)
+    test_items: np.ndarray  # int32
+    test_labels: np.ndarray  # float32
+    user_ids: np.ndarray  # int64 external user_id of each row
+    product_ids: np.ndarray  # int64 external product_id of each row
+    stats: dict = field(default_factory=dict)
+
+    def save(self, out_dir: Path) -> None:
+        """`<name>.npy` per array, the two id indexes as CSV, and prepared.json (stats)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in _ARRAYS:
+            np.save(out_dir / f"{name}.npy", getattr(self, name), allow_pickle=False)
+        write_index(out_dir / "user_index.csv", "user_id", "user", self.user_ids)
+        write_index(out_dir / "product_index.csv", "product_id", "item", self.product_ids)
+        marker = {"format": "recsql-prepared", "format_version": 1, "stats": self.stats}
+        (out_dir / PREPARED_MARKER).write_text(json.dumps(marker, indent=2))
+
+    @classmethod
+    def load(cls, out_dir: Path) -> PreparedEvents:
+        out_dir = Path(out_dir)
+        if not is_prepared_dir(out_dir):
+            raise DataError(f"{out_dir}: not a prepared folder (no valid {PREPARED_MARKER})")
+        stats = json.loads((out_dir / PREPARED_MARKER).read_text()).get("stats", {})
+        arrays = {}
+        for name, dtype in _ARRAYS.items():
+            path = out_dir / f"{name}.npy"
+            try:
+                arrays[name] = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{path}: cannot read the prepared array ({exc})") from exc
+            if arrays[name].dtype != dtype or arrays[name].ndim != 1:
+                raise DataError(f"{path}: expected a 1-d {np.dtype(dtype)} array")
+        prepared = cls(**arrays, stats=stats)
+        prepared._check()
+        return prepared
+
+    def _check(self) -> None:
+        n_train, n_test = len(self.train_users), len(self.test_users)
+        if len(self.train_items) != n_train or len(self.train_labels) != n_train:
+            raise DataError("prepared data: train arrays differ in length")
+        if len(self.test_items) != n_test or len(self.test_labels) != n_test:
+            raise DataError("prepared data: test arrays differ in length")
+        for rows, ids, what in (
+            (self.train_users, self.user_ids, "train_users"),
+            (self.test_users, self.user_ids, "test_users"),
+            (self.train_items, self.product_ids, "train_items"),
+            (self.test_items, self.product_ids, "test_items"),
+        ):
+            if len(rows) and (rows.min() < 0 or rows.max() >= len(ids)):
+                raise DataError(f"prepared data: {what} points outside the {len(ids)}-row index")
+
+
+def is_prepared_dir(path: Path) -> bool:
+    marker = Path(path) / PREPARED_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format") == "recsql-prepared"
+    except (OSError, ValueError):
+        return False
+
+
+def expand_inputs(paths: Sequence[Path]) -> list[Path]:
+    """Files in the order given; a folder becomes its .csv/.csv.gz files sorted by name."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(
+                (c for c in path.iterdir() if c.is_file() and _is_event_file(c)),
+                key=lambda c: c.name,
+            )
+            if not found:
+                raise DataError(f"{path}: folder holds no .csv or .csv.gz files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    if not files:
+        raise DataError("no event files given")
+    return files
+
+
+def _is_event_file(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".csv") or name.endswith(".csv.gz")
+
+
+def read_header(path: Path) -> list[str]:
+    """The header's column names; DataError naming the file when it cannot be used."""
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:  # BOM-tolerant
+            line = f.readline()
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read the file ({exc})") from exc
+    names = [n.strip().strip('"') for n in line.rstrip("\r\n").split(",")]
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise DataError(
+            f"{path}: line 1: missing column(s) {', '.join(missing)}; the header must name "
+            f"{', '.join(REQUIRED_COLUMNS)} (REES46 layout)"
+        )
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: line 1: duplicate column names in the header")
+    return names
+
+
+def prepare_events(
+    paths: Sequence[Path],
+    min_events: int = 5,
+    progress: bool = True,
+    memory_limit: str | None = None,
+    threads: int | None = None,
+    temp_dir: Path | None = None,
+) -> PreparedEvents:
+    """Read event files and build the indexed train/test arrays (see the module docstring)."""
+    started = time.perf_counter()
+    files = expand_inputs(paths)
+    headers = [read_header(f) for f in files]
+    with tempfile.TemporaryDirectory(prefix="recsql-prepare-", dir=temp_dir) as spill:
+        con = _connect(Path(spill), memory_limit, threads)
+        try:
+            with _step("read"):
+                _load_files(con, files, headers, progress)
+            with (
+                _step("filter, index, split"),
+                tqdm(total=_BUILD_STEPS, desc="index", unit="step", disable=not progress) as bar,
+            ):
+                stats = _build_tables(con, min_events, bar)
+            with _step("fetch"):
+                prepared = _fetch(con, stats)
+        finally:
+            con.close()
+    stats.update(
+        files=[str(f) for f in files],
+        min_events=min_events,
+        memory_limit=memory_limit or _DEFAULT_MEMORY_LIMIT,
+        threads=threads,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    prepared.stats = stats
+    log.info("prepared %s", {k: v for k, v in stats.items() if k != "files"})
+    return prepared
+
+
+@contextmanager
+def _step(name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log.debug(
+        "prepare %s: %.1f s, peak RSS so far %.0f MB", name, time.perf_counter() - started, peak_mb
+    )
+
+
+def _connect(
+    spill: Path, memory_limit: str | None, threads: int | None
+) -> duckdb.DuckDBPyConnection:
+    config = {
+        "memory_limit": memory_limit or _DEFAULT_MEMORY_LIMIT,
+        "temp_directory": str(spill),
+        # rowid must follow file and line order: never let DuckDB reorder inserts.
+        "preserve_insertion_order": True,
+    }
+    if threads:
+        config["threads"] = int(threads)
+    try:
+        # A database file, not :memory:, so the events table is stored compressed and DuckDB
+        # can drop its pages from memory without writing them out again.
+        return duckdb.connect(str(spill / "prepare.duckdb"), config=config)
+    except duckdb.Error as exc:
+        raise DataError(f"cannot start DuckDB with {config} ({_first_line(exc)})") from exc
+
+
+def _load_files(
+    con: duckdb.DuckDBPyConnection, files: list[Path], headers: list[list[str]], progress: bool
+) -> None:
+    con.execute("CREATE TABLE ev (t TIMESTAMP, w UTINYINT, u BIGINT, p BIGINT)")
+    weight = " ".join(f"WHEN '{k}' THEN {v}" for k, v in EVENT_WEIGHTS.items())
+    # Only the four columns are projected: DuckDB skips converting the others.
+    insert = f"""INSERT INTO ev
+        SELECT event_time, CASE event_type {weight} ELSE 1 END, user_id, product_id
+        FROM read_csv($path, header = true, auto_detect = false, delim = ',', quote = '"',
+                      columns = $columns, timestampformat = '{TIME_FORMAT}')"""
+    sizes = [f.stat().st_size for f in files]
+    if progress:  # DuckDB tracks query progress only with its (silenced) progress bar on
+        con.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false")
+    with tqdm(
+        total=sum(sizes), unit="B", unit_scale=True, desc="read", disable=not progress
+    ) as bar:
+        for path, header, size, done in zip(
+            files, headers, sizes, itertools.accumulate([0, *sizes]), strict=False
+        ):
+            columns = {n: "VARCHAR" for n in header}
+            columns.update(event_time="TIMESTAMP", product_id="BIGINT", user_id="BIGINT")
+            try:
+                with _poll_progress(con, bar, done, size):
+                    con.execute(insert, {"path": str(path), "columns": columns})
+            except duckdb.Error as exc:
+                raise DataError(_csv_error(path, exc)) from exc
+            bar.n = done + size
+            bar.refresh()
+
+
+@contextmanager
+def _poll_progress(
+    con: duckdb.DuckDBPyConnection, bar: tqdm, done: int, size: int
+) -> Iterator[None]:
+    """Move `bar` through one file while DuckDB reads it (a single file may be 14 GB)."""
+    if bar.disable:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.5):
+            percent = con.query_progress()
+            if percent >= 0:
+                bar.n = done + int(size * min(percent, 100.0) / 100.0)
+                bar.refresh()
+
+    thread = threading.Thread(target=poll, name="prepare-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+_LINE = re.compile(r"CSV Error on Line: (\d+)")
+_CONVERT = re.compile(r'converting column "([^"]+)"\. Could not convert string "(.*?)" to')
+_WIDTH = re.compile(r"Expected Number of Columns: (\d+) Found: (\d+)")
+_EXPECTED = {
+    "event_time": f"a time like 2019-10-01 00:00:00 UTC ({TIME_FORMAT})",
+    "product_id": "an integer id",
+    "user_id": "an integer id",
+}
+
+
+def _csv_error(path: Path, exc: duckdb.Error) -> str:
+    """DuckDB's long CSV error as one line: file, line, column and what was expected."""
+    text = str(exc)
+    line = _LINE.search(text)
+    where = f"{path}: line {line.group(1)}" if line else f"{path}"
+    if m := _CONVERT.search(text):
+        column, value = m.groups()
+        return f'{where}, column {column}: "{value}" is not {_EXPECTED.get(column, column)}'
+    if m := _WIDTH.search(text):
+        return f"{where}: expected {m.group(1)} fields as in the header, found {m.group(2)}"
+    return f"{where}: cannot read the events ({_first_line(exc)})"
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [s for s in str(exc).splitlines() if s.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _sql(
+    con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None, bar: tqdm | None = None
+) -> duckdb.DuckDBPyConnection:
+    started = time.perf_counter()
+    result = con.execute(sql, params)
+    log.debug("%.2f s: %s", time.perf_counter() - started, " ".join(sql.split())[:70])
+    if bar is not None:
+        bar.update(1)
+    return result
+
+
+_BUILD_STEPS = 8  # _sql calls in _build_tables
+
+
+def _build_tables(con: duckdb.DuckDBPyConnection, min_events: int, bar: tqdm) -> dict:
+    """Counts, the one-pass filter, both indexes, each user's last event and the train rows."""
+    read, empty_id, empty_time = _sql(
+        con,
+        """SELECT count(*), count(*) FILTER (u IS NULL OR p IS NULL),
+                  count(*) FILTER (u IS NOT NULL AND p IS NOT NULL AND t IS NULL) FROM ev""",
+        bar=bar,
+    ).fetchone()
+    valid = "u IS NOT NULL AND p IS NOT NULL AND t IS NOT NULL"
+    for key, table in (("u", "ku"), ("p", "kp")):
+        _sql(
+            con,
+            f"""CREATE TABLE {table} AS
+                SELECT {key} FROM ev WHERE {valid} GROUP BY {key} HAVING count(*) >= $n""",
+            {"n": int(min_events)},
+            bar=bar,
+        )
+    kept = f"FROM ev WHERE {valid} AND u IN (SELECT u FROM ku) AND p IN (SELECT p FROM kp)"
+    # The last event has the greatest (event_time, rowid), rowid being file then line order;
+    # packed into one HUGEINT key because arg_max on a struct key is several times slower.
+    last = "epoch_us(t)::HUGEINT * 18446744073709551616 + rowid"
+    _sql(
+        con,
+        f"""CREATE TABLE uc AS
+            SELECT u, count(*) AS n, arg_max(p, {last}) AS last_p, arg_max(w, {last}) AS last_w
+            {kept} GROUP BY u""",
+        bar=bar,
+    )
+    _sql(con, f"CREATE TABLE pc AS SELECT p, count(*) AS n {kept} GROUP BY p", bar=bar)
+    (kept_rows,) = _sql(con, "SELECT coalesce(sum(n), 0) FROM uc", bar=bar).fetchone()
+    if not kept_rows:
+        raise DataError(
+            f"no events left: no row has both a user and a product with >= {min_events} events "
+            f"({read} rows read, {empty_id} with an empty id)"
+        )
+    _sql(
+        con,
+        """CREATE TABLE users AS SELECT u, last_p, last_w,
+                  (row_number() OVER (ORDER BY n DESC, u ASC) - 1)::INTEGER AS ui FROM uc;
+           CREATE TABLE products AS SELECT p,
+                  (row_number() OVER (ORDER BY n DESC, p ASC) - 1)::INTEGER AS pi FROM pc;
+           DROP TABLE uc; DROP TABLE pc; DROP TABLE ku; DROP TABLE kp;""",
+        bar=bar,
+    )
+    # Joining both indexes keeps exactly the kept rows (every kept user has a last event).
+    _sql(
+        con,
+        """CREATE TABLE train AS
+           SELECT users.ui, products.pi, ev.w
+           FROM ev JOIN users ON ev.u = users.u JOIN products ON ev.p = products.p
+           WHERE ev.p <> users.last_p AND ev.t IS NOT NULL
+           ORDER BY ev.rowid;
+           DROP TABLE ev;""",
+        bar=bar,
+    )
+    return {
+        "events_read": int(read),
+        "rows_skipped_empty_id": int(empty_id),
+        "rows_skipped_empty_time": int(empty_time),
+        "rows_kept": int(kept_rows),
+    }
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, stats: dict) -> PreparedEvents:
+    """Arrays out of DuckDB one column at a time, so only one copy is in flight."""
+
+    def column(sql: str, dtype: type) -> np.ndarray:
+        result = con.execute(sql).fetchnumpy()
+        return np.ascontiguousarray(next(iter(result.values())), dtype=dtype)
+
+    users = con.execute("SELECT u, ui FROM users ORDER BY ui").fetchnumpy()
+    user_ids = np.asarray(users["u"], dtype=np.int64)
+    product_ids = column("SELECT p FROM products ORDER BY pi", np.int64)
+    test = con.execute(
+        """SELECT users.ui, products.pi, users.last_w::FLOAT AS w
+           FROM users JOIN products ON users.last_p = products.p ORDER BY users.ui"""
+    ).fetchnumpy()
+    prepared = PreparedEvents(
+        train_users=column("SELECT ui FROM train", np.int32),
+        train_items=column("SELECT pi FROM train", np.int32),
+        train_labels=column("SELECT w::FLOAT FROM train", np.float32),
+        test_users=np.asarray(test["ui"], dtype=np.int32),
+        test_items=np.asarray(test["pi"], dtype=np.int32),
+        test_labels=np.asarray(test["w"], dtype=np.float32),
+        user_ids=user_ids,
+        product_ids=product_ids,
+    )
+    stats.update(
+        users=len(user_ids),
+        products=len(product_ids),
+        train_rows=len(prepared.train_users),
+        test_rows=len(prepared.test_users),
+        rows_removed_test_pairs=stats["rows_kept"] - len(prepared.train_users),
+    )
+    return prepared
+
+
+def run_prepare_command(args: argparse.Namespace) -> int:
+    prepared = prepare_events(
+        args.inputs,
+        min_events=getattr(args, "min_events", 5),
+        progress=not getattr(args, "no_progress", False),
+        memory_limit=getattr(args, "memory_limit", None),
+        threads=getattr(args, "threads", None),
+        temp_dir=getattr(args, "temp_dir", None),
+    )
+    prepared.save(args.out)
+    s = prepared.stats
+    print(
+        f"read {s['events_read']:,} events from {len(s['files'])} file(s) in {s['seconds']:.1f} s; "
+        f"skipped {s['rows_skipped_empty_id']:,} rows with an empty id"
+        + (
+            f" and {s['rows_skipped_empty_time']:,} with an empty event_time"
+            if s["rows_skipped_empty_time"]
+            else ""
+        )
+        + f"; kept {s['rows_kept']:,} rows of users and products with >= {s['min_events']} events"
+    )
+    print(
+        f"{s['users']:,} users, {s['products']:,} products; train {s['train_rows']:,} rows, "
+        f"test {s['test_rows']:,} rows (one per user); wrote {args.out}"
+    )
+    return 0
