@@ -136,8 +136,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         p.add_argument(flag, type=FIELD_TYPES[f.name], default=f.default,
                        choices=CHOICES.get(f.name), help=f"(default {f.default})")
-    p.add_argument("--model-dir", type=Path, default=Path("model"),
-                   help="where the artifact goes (default ./model)")
+    p.add_argument("--model-dir", type=Path, default=Path("out/model"),
+                   help="where the artifact goes (default ./out/model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
