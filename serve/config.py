@@ -1,0 +1,138 @@
+"""Server settings: one frozen dataclass, built once from env vars and CLI flags.
+
+Names follow the SageMaker toolkits (`SAGEMAKER_*`) where one exists and use
+`RECSQL_*` otherwise. Nothing else in serve/ reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from model.errors import RecsqlError
+
+MB = 1024 * 1024
+REALTIME_MAX_PAYLOAD = 6 * MB  # 6,291,456 bytes: the real-time InvokeEndpoint limit
+BATCH_MAX_PAYLOAD_MB = 100
+CONTAINER_MODEL_DIR = Path("/opt/ml/model")
+CONTAINER_MODEL_ROOT = Path("/opt/ml/models")
+FALLBACK_POLICIES = ("null", "mean", "popularity")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_dir: Path | None = None  # the model served at startup (None: multi-model only)
+    model_name: str = "model"  # its name in /models and /endpoints/<name>/invocations
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    worker_class: str = "gevent"  # keeps connections alive; "sync" closes each one
+    timeout: int = 60  # SAGEMAKER_MODEL_SERVER_TIMEOUT: worker heartbeat / request limit
+    graceful_timeout: int = 25  # SIGTERM drain; SageMaker sends SIGKILL 30 s after SIGTERM
+    keepalive: int = 75  # seconds an idle keep-alive connection stays open
+    default_accept: str | None = None  # None: answer in the request's own content type
+    max_payload_bytes: int = REALTIME_MAX_PAYLOAD
+    batch: bool = False
+    batch_strategy: str = "MULTI_RECORD"
+    max_concurrent_transforms: int = 1
+    multi_model: bool = False
+    model_root: Path | None = None  # POST /models only loads from below this folder
+    max_models_mb: float | None = None  # memory guard: cap on the models loaded via /models
+    min_free_mb: float = 256.0  # memory guard: keep this much memory available
+    fallback: str = "null"  # score for rows the model cannot score (see README)
+    program: str = "inference.py"
+    submit_dir: Path | None = None
+    state_dir: Path | None = None  # shared by workers: model registry and metrics files
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.fallback not in FALLBACK_POLICIES:
+            choices = ", ".join(FALLBACK_POLICIES)
+            raise RecsqlError(f"fallback policy {self.fallback!r} unknown; use one of {choices}")
+        if self.workers < 1:
+            raise RecsqlError(f"workers must be >= 1, not {self.workers}")
+        if self.max_payload_bytes < 1:
+            raise RecsqlError("the payload limit must be positive")
+
+    def with_changes(self, **changes: Any) -> ServeConfig:
+        return replace(self, **changes)
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise RecsqlError(f"{name}={raw!r} is not an integer") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float | None) -> float | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise RecsqlError(f"{name}={raw!r} is not a number") from None
+
+
+def from_env(
+    env: Mapping[str, str] | None = None, container: bool | None = None, **flags: Any
+) -> ServeConfig:
+    """Build the config: defaults < environment < CLI flags (those not None).
+
+    `container` (or RECSQL_CONTAINER=true) selects SageMaker container defaults:
+    bind 0.0.0.0, model from /opt/ml/model (or /opt/ml/models in multi-model mode).
+    """
+    env = os.environ if env is None else env
+    container = _flag(env.get("RECSQL_CONTAINER")) if container is None else container
+    multi_model = _flag(env.get("SAGEMAKER_MULTI_MODEL")) or _flag(env.get("RECSQL_MULTI_MODEL"))
+    batch = _flag(env.get("SAGEMAKER_BATCH"))
+    workers = _int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", os.cpu_count() or 1)
+    payload_mb = _float(env, "SAGEMAKER_MAX_PAYLOAD_IN_MB", None)
+    if payload_mb is not None:
+        max_payload = int(min(payload_mb, BATCH_MAX_PAYLOAD_MB) * MB)
+    else:
+        max_payload = REALTIME_MAX_PAYLOAD
+    model_dir = env.get("RECSQL_MODEL_DIR") or None
+    model_root = env.get("RECSQL_MODEL_ROOT") or None
+    if container:
+        model_dir = model_dir or (None if multi_model else str(CONTAINER_MODEL_DIR))
+        model_root = model_root or str(CONTAINER_MODEL_ROOT)
+    submit = env.get("SAGEMAKER_SUBMIT_DIRECTORY") or None
+    values: dict[str, Any] = {
+        "model_dir": Path(model_dir) if model_dir else None,
+        "model_name": env.get("RECSQL_MODEL_NAME") or "model",
+        "host": "0.0.0.0" if container else "127.0.0.1",
+        "port": _int(env, "SAGEMAKER_BIND_TO_PORT", 8080),
+        "workers": workers,
+        "worker_class": env.get("RECSQL_WORKER_CLASS") or "gevent",
+        "timeout": _int(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT", 60),
+        "default_accept": env.get("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT") or None,
+        "max_payload_bytes": max_payload,
+        "batch": batch,
+        "batch_strategy": env.get("SAGEMAKER_BATCH_STRATEGY") or "MULTI_RECORD",
+        "max_concurrent_transforms": _int(env, "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", workers),
+        "multi_model": multi_model,
+        "model_root": Path(model_root) if model_root else None,
+        "max_models_mb": _float(env, "RECSQL_MAX_MODELS_MB", None),
+        "min_free_mb": _float(env, "RECSQL_MIN_FREE_MB", 256.0),
+        "fallback": (env.get("RECSQL_FALLBACK") or "null").strip().lower(),
+        "program": env.get("SAGEMAKER_PROGRAM") or "inference.py",
+        "submit_dir": Path(submit) if submit else None,
+        "state_dir": Path(env["RECSQL_STATE_DIR"]) if env.get("RECSQL_STATE_DIR") else None,
+        "log_level": (
+            env.get("SAGEMAKER_CONTAINER_LOG_LEVEL") or env.get("RECSQL_LOG_LEVEL") or "INFO"
+        ),
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return ServeConfig(**values)

@@ -1,0 +1,206 @@
+"""The model contract: every servable model kind behind one small interface.
+
+    ServableModel.predict(payload, options) -> Scores | Rankings
+    ServableModel.describe() -> dict
+    ServableModel.memory_bytes() -> int
+
+`ADAPTERS` maps the `kind` of whatever `model.load_model()` returns to the
+adapter that makes it servable. This dict is the one seam for a new model
+kind: write `class XModel(ServableModel)` here (or in its own module that
+registers itself) and add `ADAPTERS["x"] = XModel`; tests/serve/contract.py
+then runs the shared contract tests against it. A tabular adapter would read
+its columns with `payload.table.values(model.feature_names)`, call
+`predict_columns`, and return `Scores` with NaN for rows it cannot score.
+
+User scripts (`code/inference.py`) are the other route in: see serve/scripts.py.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model import load_model
+from model.errors import ArtifactError, BadRequest
+from model.recommender import Recommender
+from serve.records import Payload, Prediction, Rankings, Scores
+
+MAX_TOP_K = 1000
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-request choices: from env defaults, custom attributes and the body."""
+
+    fallback: str = "null"
+    top_k: int | None = None
+    candidates: Any = None  # list of product ids, or one list per user
+    exclude: Any = None
+
+
+class ServableModel(ABC):
+    kind: str = "unknown"
+
+    @abstractmethod
+    def predict(self, payload: Payload, options: Options) -> Prediction:
+        """One output per input record, in order; NaN where there is no score."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """JSON-able facts about the model (kind, inputs, sizes)."""
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
+def _counts(ok: np.ndarray, scores: np.ndarray, fallback: np.ndarray | None) -> dict[str, int]:
+    malformed = int(len(ok) - np.count_nonzero(ok))
+    null = int(np.isnan(scores).sum())
+    fallen = int(fallback.sum()) if fallback is not None else 0
+    return {
+        "malformed": malformed,
+        "unknown": null - malformed + fallen,
+        "fallback": fallen,
+        "null": null,
+    }
+
+
+def _per_user(value: Any, n_users: int, what: str) -> list[np.ndarray | None]:
+    """`candidates`/`exclude`: one list for every user, or one list per user."""
+    if value is None:
+        return [None] * n_users
+    if not isinstance(value, list):
+        raise BadRequest(f'"{what}" must be a list of product ids (or one list per user)')
+    if value and all(isinstance(v, list) for v in value):
+        if len(value) != n_users:
+            raise BadRequest(f'"{what}" has {len(value)} lists for {n_users} users')
+        lists = value
+    else:
+        lists = [value] * n_users
+    out: list[np.ndarray | None] = []
+    for ids in lists:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
+            raise BadRequest(f'"{what}" must hold integer product ids')
+        out.append(np.array(ids, dtype=np.int64))
+    return out
+
+
+class RecommenderModel(ServableModel):
+    """MFBlock (recsql-trained or seed MXNet): scores `user_id,product_id` pairs."""
+
+    kind = "mfblock"
+    inputs = ("user_id", "product_id")
+
+    def __init__(self, recommender: Recommender) -> None:
+        self.recommender = recommender
+
+    def predict(self, payload: Payload, options: Options) -> Prediction:
+        if options.top_k is not None:
+            return self.rank(payload, options)
+        (users, products), ok = payload.table.ints(self.inputs)
+        scores = self.recommender.score(users, products)
+        if not ok.all():
+            scores[~ok] = np.nan  # malformed rows were parsed as id 0 placeholders
+        fallback = None
+        if options.fallback != "null":
+            fallback = np.isnan(scores) & ok
+            if fallback.any():
+                scores[fallback] = self.recommender.fallback_scores(
+                    products[fallback], options.fallback
+                )
+            fallback &= ~np.isnan(scores)
+        return Scores(scores, _counts(ok, scores, fallback))
+
+    def rank(self, payload: Payload, options: Options) -> Rankings:
+        k = options.top_k
+        (users,), ok = payload.table.ints(self.inputs[:1])
+        candidates = _per_user(options.candidates, len(users), "candidates")
+        exclude = _per_user(options.exclude, len(users), "exclude")
+        ids, scores, user_ids = [], [], []
+        empty = np.empty(0, np.int64), np.empty(0, np.float32)
+        for row, user in enumerate(users.tolist()):
+            best = (
+                self.recommender.top_k(user, k, candidates[row], exclude[row]) if ok[row] else empty
+            )
+            ids.append(best[0])
+            scores.append(best[1])
+            user_ids.append(user if ok[row] else None)
+        unknown = sum(1 for row in range(len(users)) if ok[row] and len(ids[row]) == 0)
+        counts = {"malformed": int((~ok).sum()), "unknown": unknown, "fallback": 0}
+        counts["null"] = counts["malformed"] + unknown
+        return Rankings(ids, scores, user_ids, counts)
+
+    def describe(self) -> dict[str, Any]:
+        return self.recommender.describe()
+
+    def memory_bytes(self) -> int:
+        rec = self.recommender
+        arrays: Sequence[Any] = (
+            rec.user_vectors,
+            rec.item_vectors,
+            rec.users.sorted_ids,
+            rec.items.sorted_ids,
+            rec.item_popularity,
+        )
+        return int(sum(a.nbytes for a in arrays if a is not None) * 2)  # ids: sorted + by row
+
+
+class TabularServable(ServableModel):
+    """A tabular classifier (model/tabular.py): one P(positive) per record.
+
+    Records carry the features in training order (CSV), or by name (JSON);
+    a record that cannot be read, or that holds a non-number in a numeric
+    column, gets NaN (an empty CSV line, JSON null).
+    """
+
+    kind = "tabular"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def predict(self, payload: Payload, options: Options) -> Prediction:
+        columns, ok = payload.table.values(self.model.feature_names)
+        scores = self.model.predict_columns(columns)
+        if not ok.all():
+            scores[~ok] = np.nan  # unreadable records were filled with "" placeholders
+        return Scores(scores, _counts(ok, scores, None))
+
+    def describe(self) -> dict[str, Any]:
+        return self.model.describe()
+
+
+# kind (as the loaded model reports it) -> adapter. The seam for new model kinds.
+ADAPTERS: dict[str, Callable[[Any], ServableModel]] = {
+    "mfblock": RecommenderModel,
+    "tabular": TabularServable,
+}
+
+
+def wrap(model: Any) -> ServableModel:
+    """The servable adapter for a model object from `model.load_model()`."""
+    if isinstance(model, ServableModel):
+        return model
+    kind = getattr(model, "kind", None)
+    adapter = ADAPTERS.get(kind) if isinstance(kind, str) else None
+    if adapter is None:
+        raise ArtifactError(
+            f"no server adapter for model kind {kind!r}; servable kinds: {', '.join(ADAPTERS)}"
+        )
+    return adapter(model)
+
+
+def load_servable(
+    model_dir: Path, program: str = "inference.py", submit_dir: Path | None = None
+) -> ServableModel:
+    """A model directory -> servable model; a user script in it takes precedence."""
+    from serve.scripts import ScriptModel, find_script
+
+    script = find_script(Path(model_dir), program, submit_dir)
+    if script is not None:
+        return ScriptModel.load(Path(model_dir), script)
+    return wrap(load_model(model_dir))

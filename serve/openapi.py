@@ -1,0 +1,127 @@
+"""The OpenAPI 3.1 document for the HTTP API, served at GET /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_TEXT_ERROR = {"description": "one-line reason", "content": {"text/plain": {}}}
+_ERRORS = {
+    "400": {**_TEXT_ERROR, "description": "body cannot be parsed at all, or bad options"},
+    "404": {**_TEXT_ERROR, "description": "model not loaded"},
+    "406": {**_TEXT_ERROR, "description": "unsupported Accept"},
+    "413": {**_TEXT_ERROR, "description": "body over the payload limit"},
+    "415": {**_TEXT_ERROR, "description": "unsupported Content-Type"},
+}
+_PAIRS = {
+    "type": "object",
+    "properties": {
+        "user_id": {"type": "array", "items": {"type": "integer"}},
+        "product_id": {"type": "array", "items": {"type": "integer"}},
+        "instances": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "candidates": {"type": "array", "description": "product ids, or one list per user"},
+        "exclude": {"type": "array", "description": "product ids, or one list per user"},
+        "fallback": {"type": "string", "enum": ["null", "mean", "popularity"]},
+    },
+}
+_HEADERS = [
+    {
+        "name": "X-Amzn-SageMaker-Custom-Attributes",
+        "in": "header",
+        "schema": {"type": "string"},
+        "description": "e.g. fallback=popularity,top_k=10",
+    },
+    {"name": "X-Amzn-SageMaker-Target-Model", "in": "header", "schema": {"type": "string"}},
+    {"name": "X-Amzn-SageMaker-Inference-Id", "in": "header", "schema": {"type": "string"}},
+]
+_INVOKE: dict[str, Any] = {
+    "summary": "Score user-product pairs, or rank products for users (top_k)",
+    "parameters": _HEADERS,
+    "requestBody": {
+        "required": True,
+        "content": {
+            "text/csv": {"schema": {"type": "string"}, "example": "123,456\n124,457\n"},
+            "application/json": {"schema": _PAIRS},
+            "application/jsonlines": {"schema": {"type": "string"}},
+            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "one output per input record, in order; empty/null = no score",
+            "headers": {
+                "X-Recsql-Null-Rows": {"schema": {"type": "integer"}},
+                "X-Recsql-Malformed-Rows": {"schema": {"type": "integer"}},
+                "X-Recsql-Unknown-Rows": {"schema": {"type": "integer"}},
+                "X-Recsql-Fallback-Rows": {"schema": {"type": "integer"}},
+            },
+            "content": {
+                "text/csv": {"example": "0.8123\n\n"},
+                "application/json": {"example": {"predictions": [0.8123, None]}},
+                "application/jsonlines": {"example": "0.8123\nnull\n"},
+            },
+        },
+        **_ERRORS,
+    },
+}
+_JSON_OK = {"description": "OK", "content": {"application/json": {}}}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "recsql inference server", "version": "1"},
+    "paths": {
+        "/ping": {
+            "get": {
+                "summary": "200 (empty) once the model is loaded; 503 with reason if not",
+                "responses": {"200": {"description": "healthy"}, "503": _TEXT_ERROR},
+            }
+        },
+        "/invocations": {"post": _INVOKE},
+        "/endpoints/{name}/invocations": {
+            "post": {
+                **_INVOKE,
+                "summary": "SageMaker runtime InvokeEndpoint, locally",
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    *_HEADERS,
+                ],
+            }
+        },
+        "/execution-parameters": {
+            "get": {"summary": "batch transform settings", "responses": {"200": _JSON_OK}}
+        },
+        "/models": {
+            "get": {
+                "summary": "list models (paged: page_size, next_page_token)",
+                "responses": {"200": _JSON_OK},
+            },
+            "post": {
+                "summary": "load {model_name, url} from below the model root",
+                "responses": {
+                    "200": _JSON_OK,
+                    "409": _TEXT_ERROR,
+                    "404": _TEXT_ERROR,
+                    "507": _TEXT_ERROR,
+                },
+            },
+        },
+        "/models/{name}": {
+            "get": {
+                "summary": "describe a model",
+                "responses": {"200": _JSON_OK, "404": _TEXT_ERROR},
+            },
+            "delete": {
+                "summary": "unload a model",
+                "responses": {"200": _JSON_OK, "404": _TEXT_ERROR},
+            },
+        },
+        "/models/{name}/invoke": {"post": {**_INVOKE, "summary": "invoke one model"}},
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics, all workers",
+                "responses": {"200": {"description": "text format 0.0.4"}},
+            }
+        },
+        "/openapi.json": {"get": {"summary": "this document", "responses": {"200": _JSON_OK}}},
+    },
+}

@@ -1,0 +1,160 @@
+"""Operations: metrics, logs, OpenAPI, boto3 against a local server, workers, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import boto3
+import pytest
+import requests
+from botocore.exceptions import ClientError
+
+from serve import build_dataplane, create_app, from_env
+from serve.openapi import OPENAPI
+from tests.serve.conftest import PRODUCT_IDS, USER_IDS, running
+from tests.serve.test_scripts import SEED_STYLE, script_dir
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics_add_up_across_workers(server) -> None:
+    before = server.get("/metrics").text
+    body = f"{USER_IDS[0]},{PRODUCT_IDS[0]}\n{USER_IDS[1]},1\n"
+    for _ in range(30):  # new connections, so both workers take some
+        assert requests.post(
+            server.url + "/invocations", body, headers={"Content-Type": "text/csv"}
+        ).ok
+    requests.post(server.url + "/invocations", "x", headers={"Content-Type": "text/plain"})
+    time.sleep(1.5)  # each worker writes its figures once a second
+    after = server.get("/metrics").text
+    labels = {"model": "model", "status": "200"}
+    assert (
+        metric(after, "recsql_requests_total", **labels)
+        - metric(before, "recsql_requests_total", **labels)
+        == 30
+    )
+    rows = metric(after, "recsql_rows_total", model="model")
+    assert rows - metric(before, "recsql_rows_total", model="model") == 60
+    nulls = metric(after, "recsql_null_rows_total", model="model")
+    assert nulls - metric(before, "recsql_null_rows_total", model="model") == 30
+    assert metric(after, "recsql_errors_total", model="model", status="415") >= 1
+    count = metric(after, "recsql_request_duration_seconds_count", model="model")
+    assert count == metric(
+        after, "recsql_request_duration_seconds_bucket", model="model", le="+Inf"
+    )
+    assert "# TYPE recsql_request_duration_seconds histogram" in after
+
+
+def test_one_log_line_per_request_with_inference_id(server) -> None:
+    headers = {"X-Amzn-SageMaker-Inference-Id": "req-7f3a"}
+    server.post("/invocations", f"{USER_IDS[0]},{PRODUCT_IDS[0]}\n", **headers)
+    time.sleep(0.2)
+    lines = [line for line in server.log().splitlines() if "inference_id=req-7f3a" in line]
+    assert len(lines) == 1
+    assert re.search(r"model=model status=200 rows=1 null=0 ms=[0-9.]+ ", lines[0])
+
+
+def test_openapi_documents_every_route(server) -> None:
+    doc = server.get("/openapi.json").json()
+    assert doc == json.loads(json.dumps(OPENAPI))
+    app = create_app(build_dataplane(from_env({}, multi_model=True)))
+    routes = {re.sub(r"<(\w+)>", r"{\1}", rule.rule) for rule in app.url_map.iter_rules()}
+    assert routes == set(doc["paths"])
+
+
+def test_boto3_sagemaker_runtime_against_local_server(server) -> None:
+    client = boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=server.url,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+    )
+    body = f"{USER_IDS[3]},{PRODUCT_IDS[3]}\n{USER_IDS[3]},1\n"
+    answer = client.invoke_endpoint(
+        EndpointName="recsql-endpoint", ContentType="text/csv", Accept="text/csv", Body=body
+    )
+    direct = server.post("/invocations", body)
+    assert answer["Body"].read() == direct.content
+    assert answer["ContentType"] == "text/csv"
+    assert "null_rows=1" in answer["CustomAttributes"]
+    with pytest.raises(ClientError) as error:
+        client.invoke_endpoint(EndpointName="recsql-endpoint", ContentType="text/plain", Body="x")
+    assert error.value.response["ResponseMetadata"]["HTTPStatusCode"] == 415
+
+
+def test_dead_worker_is_replaced(server) -> None:
+    import os
+    import signal
+
+    workers = server.workers()
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        now = server.workers()
+        if len(now) == 2 and workers[0] not in now:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"worker not replaced: {server.workers()}")
+    server.session.close()
+    server.session = requests.Session()
+    for _ in range(10):
+        r = requests.post(
+            server.url + "/invocations",
+            f"{USER_IDS[0]},{PRODUCT_IDS[0]}\n",
+            headers={"Content-Type": "text/csv"},
+            timeout=10,
+        )
+        assert r.status_code == 200 and r.text.strip()
+
+
+def test_sigterm_drains_in_flight_requests(model_dir, tmp_path) -> None:
+    served = script_dir(model_dir, tmp_path, SEED_STYLE)
+    with running(["--model-dir", str(served), "--workers", "1"], tmp_path) as srv:
+        idle = requests.Session()  # an idle keep-alive connection must not hold up the exit
+        assert idle.get(srv.url + "/ping").status_code == 200
+        time.sleep(1.0)  # let the worker finish booting
+        result: dict[str, object] = {}
+
+        def slow_request() -> None:
+            doc = {"customer_id": [int(USER_IDS[0])], "product_id": [int(PRODUCT_IDS[0])]}
+            doc["sleep"] = 1.5
+            result["response"] = requests.post(
+                srv.url + "/invocations", json=doc, headers={"Accept": "application/json"}
+            )
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        code = srv.stop()
+        thread.join(10)
+        assert code == 0
+        response = result["response"]
+        assert response.status_code == 200 and len(response.json()) == 1
+        assert time.monotonic() - start < 10  # far below the 25 s graceful timeout
+
+
+def test_model_that_fails_to_load_fails_ping(model_dir, tmp_path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "weights.safetensors").write_bytes(b"not weights")
+    with running(["--model-dir", str(broken), "--workers", "1"], tmp_path) as srv:
+        r = srv.get("/ping")
+        assert r.status_code == 503
+        assert "failed to load" in r.text and "weights" in r.text
+        assert srv.post("/invocations", "1,2\n").status_code == 503
+        assert "model failed to load" in srv.log()
