@@ -17,6 +17,11 @@ from model.errors import DataError
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _ENDPOINT = re.compile(r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,62}$")  # SageMaker endpoint name rules
 SQL_TYPES = ("BIGINT", "INT", "INTEGER", "DOUBLE", "FLOAT", "DECIMAL", "VARCHAR", "TEXT")
+# The whole type must match: it is written into DDL, so nothing may follow it.
+_TYPE = re.compile(
+    r"^(" + "|".join(SQL_TYPES) + r")(\(\s*\d{1,5}\s*(,\s*\d{1,2}\s*)?\))?(\s+UNSIGNED)?$",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -27,8 +32,7 @@ class Argument:
     def __post_init__(self) -> None:
         if not _IDENT.match(self.name):
             raise DataError(f"bad argument name {self.name!r}")
-        base = self.sql_type.split("(")[0].strip().upper()
-        if base not in SQL_TYPES:
+        if not _TYPE.match(" ".join(self.sql_type.split())):
             raise DataError(f"argument {self.name}: unsupported type {self.sql_type!r}")
 
 
@@ -60,6 +64,35 @@ WILL_PURCHASE = SqlFunction(
     (Argument("user_id", "BIGINT"), Argument("product_id", "BIGINT")),
     "FLOAT",
     description="MFBlock score of a (user, product) pair; NULL when either id is unknown.",
+)
+
+# The bank-marketing tabular model (tests/data/bank-full.csv.gz, target y) on a
+# multi-model endpoint. Arguments follow the model's feature order, since the
+# CSV row is positional; only their names differ from the columns where SQL
+# reserves the word (`default` -> has_default). Not installed by default.
+WILL_SUBSCRIBE = SqlFunction(
+    "will_subscribe",
+    (
+        Argument("age", "BIGINT"),
+        Argument("job", "VARCHAR(32)"),
+        Argument("marital", "VARCHAR(16)"),
+        Argument("education", "VARCHAR(16)"),
+        Argument("has_default", "VARCHAR(8)"),
+        Argument("balance", "BIGINT"),
+        Argument("housing", "VARCHAR(8)"),
+        Argument("loan", "VARCHAR(8)"),
+        Argument("contact", "VARCHAR(16)"),
+        Argument("day", "BIGINT"),
+        Argument("month", "VARCHAR(8)"),
+        Argument("duration", "BIGINT"),
+        Argument("campaign", "BIGINT"),
+        Argument("pdays", "BIGINT"),
+        Argument("previous", "BIGINT"),
+        Argument("poutcome", "VARCHAR(16)"),
+    ),
+    "FLOAT",
+    target_model="bank",
+    description="P(the client subscribes a term deposit), bank tabular model; NULL: bad row.",
 )
 
 DEFAULT_FUNCTIONS: tuple[SqlFunction, ...] = (WILL_PURCHASE,)

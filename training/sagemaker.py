@@ -122,14 +122,19 @@ def input_paths(env: SageMakerEnv) -> list[Path]:
 
 def run_training_job(env: SageMakerEnv, progress: bool = False) -> int:
     """Train from the job's channels into its model dir; on failure write the reason, return 1."""
-    from training.train import load_events, train
+    from training.distributed import run_training
+    from training.train import load_events
 
     try:
         cfg = training_config(env.hyperparameters())
         inputs = input_paths(env)
         log.info("SageMaker training job: inputs %s, config %s", inputs, cfg)
         data = load_events(inputs, cfg.min_events, progress=progress)
-        metrics = train(cfg, data, env.model_dir, progress=progress)
+        # distributed hook (issue E): SM_HOSTS x SM_NUM_GPUS ranks; metrics None off rank 0
+        metrics = run_training(cfg, data, env.model_dir, nproc=None, environ=env.environ,
+                               inputs=inputs, progress=progress)
+        if metrics is None:
+            return 0
         env.output_data_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(env.model_dir / "metrics.json", env.output_data_dir / "metrics.json")
     except Exception as exc:  # the job must leave a reason, whatever went wrong

@@ -139,6 +139,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, default=Path("out/model"),
                    help="where the artifact goes (default ./out/model)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # distributed hook (issue E): see training/distributed.py
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train on N local processes, one per GPU or gloo on CPU (default 1)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -560,7 +563,13 @@ def run_train_command(args: argparse.Namespace) -> int:
         return run_training_job(env, progress=not args.no_progress)
     cfg = config_from_args(args)
     data = load_events(args.inputs, cfg.min_events, progress=not args.no_progress)
-    metrics = train(cfg, data, args.model_dir, progress=not args.no_progress)
+    # distributed hook (issue E): --nproc N, or a torchrun worker; None on ranks other than 0
+    from training.distributed import run_training
+
+    metrics = run_training(cfg, data, args.model_dir, nproc=args.nproc, inputs=args.inputs,
+                           progress=not args.no_progress)
+    if metrics is None:
+        return 0
     final, pop = metrics["final"], metrics["popularity"]
     print(f"model: {args.model_dir}")
     print(f"test MSE {final['test_mse']:.4f} (mean predictor {final['mean_mse']:.4f}), "

@@ -1,0 +1,43 @@
+/* Internal interfaces of the recsql loadable function (see recsql_udf.c). */
+#ifndef RECSQL_H
+#define RECSQL_H
+
+#include <stddef.h>
+
+#define RECSQL_NAME_MAX 128    /* allow-list names: [A-Za-z0-9._-]{1,128} */
+#define RECSQL_URL_MAX 1024
+#define RECSQL_TARGET_MAX 1024
+#define RECSQL_ERR_MAX 128     /* fits SIGNAL ... MESSAGE_TEXT (128 chars) */
+
+typedef struct {
+    char name[RECSQL_NAME_MAX + 1];
+    char url[RECSQL_URL_MAX + 1];             /* the full URL that is POSTed to */
+    char target_model[RECSQL_TARGET_MAX + 1]; /* "" = no X-Amzn-SageMaker-Target-Model */
+    long connect_timeout_ms;
+    long timeout_ms;
+} recsql_endpoint;
+
+/* A byte buffer that never grows beyond `limit` bytes (+1 for a NUL). */
+typedef struct {
+    char *data;
+    size_t len, cap, limit;
+} recsql_buf;
+
+int recsql_buf_reserve(recsql_buf *b, size_t extra);
+void recsql_sanitize(char *dst, size_t dstlen, const char *src, size_t srclen);
+
+/* endpoints.c: the server-side allow-list, circuit breaker, rate-limited log. */
+const char *recsql_allow_list_path(void);
+void recsql_endpoints_refresh(void);
+int recsql_endpoint_lookup(const char *name, recsql_endpoint *out, char *err);
+void recsql_endpoint_report(const char *name, int transport_failure);
+void recsql_log_failure(const char *name, const char *message);
+void recsql_log(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void recsql_endpoints_free(void);
+
+/* http.c: a process-wide pool of keep-alive libcurl handles. */
+int recsql_http_post(const recsql_endpoint *ep, const char *body, size_t len,
+                     recsql_buf *reply, char *err, int *transport_failure);
+void recsql_http_free(void);
+
+#endif
