@@ -36,7 +36,9 @@ def machine() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(ORDER))
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
@@ -52,7 +54,8 @@ def main() -> int:
         script = HERE / f"bench_{name}.py"
         if not script.exists():
             continue
-        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+        quick = args.quick and "--quick" in script.read_text()
+        cmd = [sys.executable, str(script)] + (["--quick"] if quick else [])
         print(f"== {' '.join(cmd)}", flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         print(proc.stdout, flush=True)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, Response, request
+from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException
 
 from model.errors import BadRequest, ModelNotFound, PayloadTooLarge, RecsqlError
@@ -21,10 +23,12 @@ from serve.openapi import OPENAPI
 log = logging.getLogger("recsql.serve")
 
 
+def _one_line(message: str) -> str:
+    return message.splitlines()[0] + "\n" if message else ""
+
+
 def _text(message: str, status: int) -> Response:
-    return Response(
-        message.splitlines()[0] + "\n" if message else "", status, mimetype="text/plain"
-    )
+    return Response(_one_line(message), status, mimetype="text/plain")
 
 
 def _json(doc: Any, status: int = 200) -> Response:
@@ -148,4 +152,67 @@ def create_app(dataplane: DataPlane) -> Flask:
     def openapi() -> Response:
         return _json(OPENAPI)
 
+    app.wsgi_app = _InvocationsFastPath(app.wsgi_app, dataplane)  # type: ignore[method-assign]
     return app
+
+
+class _InvocationsFastPath:
+    """`POST /invocations` straight from the WSGI environ.
+
+    Aurora's loadable-function path sends one row per request, so the framework's
+    per-request cost is most of the latency: building Flask's request and response
+    objects costs about as much as scoring. This does the same as the
+    `invocations` route above (same DataPlane call, same one-line errors) without
+    them; every other path goes to Flask.
+    """
+
+    def __init__(self, flask_app: Any, dataplane: DataPlane) -> None:
+        self.flask_app, self.dataplane = flask_app, dataplane
+        self.limit = dataplane.config.max_payload_bytes
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") != "/invocations" or environ.get("REQUEST_METHOD") != "POST":
+            return self.flask_app(environ, start_response)
+        try:
+            get = environ.get
+            reply = self.dataplane.invoke(
+                Invocation(
+                    body=self._body(environ),
+                    content_type=get("CONTENT_TYPE") or None,
+                    accept=get("HTTP_ACCEPT"),
+                    custom_attributes=get("HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"),
+                    target_model=get("HTTP_X_AMZN_SAGEMAKER_TARGET_MODEL"),
+                    inference_id=get("HTTP_X_AMZN_SAGEMAKER_INFERENCE_ID"),
+                    headers=EnvironHeaders(environ),
+                )
+            )
+            status, body, content_type = reply.status, reply.body, reply.content_type
+            headers = list(reply.headers.items())
+        except RecsqlError as exc:
+            if exc.status >= 500:
+                log.error("POST /invocations -> %d: %s", exc.status, exc)
+            status, body = exc.status, _one_line(str(exc)).encode()
+            content_type, headers = "text/plain; charset=utf-8", []
+        except Exception:
+            log.exception("POST /invocations failed")
+            status, content_type, headers = 500, "text/plain; charset=utf-8", []
+            body = b"internal server error (details are in the server log)\n"
+        if isinstance(body, str):
+            body = body.encode()
+        headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        return [body]
+
+    def _body(self, environ: dict[str, Any]) -> bytes:
+        stream = environ["wsgi.input"]
+        length = environ.get("CONTENT_LENGTH")
+        try:
+            size = int(length) if length else None
+        except ValueError:
+            raise BadRequest(f"bad Content-Length {length!r}") from None
+        if size is not None and size > self.limit:
+            raise PayloadTooLarge(f"body of {size} bytes exceeds the {self.limit}-byte limit")
+        body = stream.read(self.limit + 1) if size is None else stream.read(size)
+        if len(body) > self.limit:
+            raise PayloadTooLarge(f"body exceeds the {self.limit}-byte limit")
+        return body
