@@ -56,8 +56,10 @@ class MFBlock(nn.Module):
         `seed` reproduces the seed's `mx.init.Xavier(magnitude=60)` (uniform,
         avg fan, bound sqrt(60 / fan_avg)), which makes initial scores huge and
         training diverge for most of an epoch. `normal` (the default) draws
-        embeddings from N(0, 0.1²) and uses He-uniform Dense weights with a small
+        embeddings from N(0, 0.01²) and uses He-uniform Dense weights with a small
         positive bias, so both towers start active and scores start near zero.
+        (0.01 rather than 0.1: measured on planted data, 2 epochs at seed settings,
+        test MSE 0.2340 vs 0.2541 (mean predictor 0.2335), and BPR HR@10 0.356 vs 0.307.)
         """
         if scheme not in INITS:
             raise ValueError(f"unknown init {scheme!r}; choose one of {', '.join(INITS)}")
@@ -70,7 +72,7 @@ class MFBlock(nn.Module):
                     bound = math.sqrt(60.0 / ((fan_in + fan_out) / 2.0))
                     param.uniform_(-bound, bound, generator=generator)
             elif "embeddings" in name:
-                param.normal_(0.0, 0.1, generator=generator)
+                param.normal_(0.0, 0.01, generator=generator)
             elif name.endswith("bias"):
                 param.fill_(0.01)
             else:
