@@ -65,6 +65,10 @@ class Column:
     categories: list[str] | None = None
     offset: int = 0  # first encoded column
     index: dict[str, int] = field(default_factory=dict, repr=False)  # category -> encoded col
+    # The vocabulary sorted, and each entry's encoded column: str arrays are looked up with
+    # one searchsorted (C-level) instead of a dict probe per value.
+    sorted_categories: np.ndarray = field(default_factory=lambda: np.empty(0, str), repr=False)
+    sorted_targets: np.ndarray = field(default_factory=lambda: np.empty(0, np.intp), repr=False)
 
     @property
     def width(self) -> int:
@@ -93,6 +97,9 @@ class Encoder:
                 col.index = {cat: offset + i for i, cat in enumerate(col.categories)}
                 if len(col.index) != len(col.categories):
                     raise ArtifactError(f"column {col.name!r}: duplicate categories")
+                order = sorted(col.index)
+                col.sorted_categories = np.array(order, dtype=str)
+                col.sorted_targets = np.array([col.index[c] for c in order], np.intp)
             offset += col.width
         self.width = offset
 
@@ -183,6 +190,10 @@ class Encoder:
     def _numeric(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         arr = np.asarray(values)
         n = len(arr)
+        if arr.dtype.kind == "U":
+            ints = _parse_ints(arr)
+            if ints is not None:
+                return ints, np.ones(n, bool)
         try:  # fast path: every value is a number or a number's text
             return arr.astype(np.float64), np.ones(n, bool)
         except (ValueError, TypeError):
@@ -203,8 +214,11 @@ class Encoder:
         return out, good
 
     def _lookup(self, col: Column, values: np.ndarray) -> np.ndarray:
-        """Encoded column of each value (-1 unseen/missing): one C-level dict pass."""
+        """Encoded column of each value (-1 unseen/missing): one C-level dict pass,
+        or for a numpy str array (the server's CSV decoder) a sorted-array search."""
         n = len(values)
+        if isinstance(values, np.ndarray) and values.dtype.kind == "U":
+            return _search(col, values)
         target = np.fromiter(map(col.index.get, values, repeat(-1)), np.intp, n)
         miss = np.flatnonzero(target < 0)
         if len(miss) and not (isinstance(values, np.ndarray) and values.dtype.kind == "U"):
@@ -213,6 +227,40 @@ class Encoder:
                 if not isinstance(value, str) and value is not None:
                     target[i] = col.index.get(_as_text(value), -1)
         return target
+
+
+def _parse_ints(arr: np.ndarray) -> np.ndarray | None:
+    """A str array of plain integers (`-?[0-9]+`, up to 18 chars) -> float64, parsed
+    digit-column by digit-column; None for anything else (numpy's str->float then
+    parses it, about 10x slower). Same values as float(text), -0 included."""
+    width = arr.dtype.itemsize // 4
+    if len(arr) == 0 or not 1 <= width <= 18:
+        return None
+    codes = np.ascontiguousarray(arr).view(np.uint32).reshape(len(arr), width)
+    lengths = np.count_nonzero(codes, axis=1)
+    position = np.arange(width)
+    inside = position < lengths[:, None]
+    negative = codes[:, 0] == 45  # "-"
+    digits = codes.astype(np.int64) - 48
+    is_digit = (digits >= 0) & (digits <= 9)
+    valid = np.where(inside, is_digit | ((position == 0) & negative[:, None]), codes == 0)
+    if not valid.all() or (lengths <= negative).any():  # a stray char, "" or a lone "-"
+        return None
+    value = np.zeros(len(arr), np.int64)
+    digits = np.where(is_digit, digits, 0)
+    for k in range(width):
+        value = np.where(inside[:, k], value * 10 + digits[:, k], value)
+    out = value.astype(np.float64)
+    np.negative(out, out=out, where=negative)
+    return out
+
+
+def _search(col: Column, values: np.ndarray) -> np.ndarray:
+    vocab = col.sorted_categories
+    if len(vocab) == 0:
+        return np.full(len(values), -1, np.intp)
+    pos = np.minimum(np.searchsorted(vocab, values), len(vocab) - 1)
+    return np.where(vocab[pos] == values, col.sorted_targets[pos], -1)
 
 
 def _as_text(value: Any) -> str:

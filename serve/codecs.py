@@ -35,7 +35,7 @@ _ALIASES = {
     "application/json-lines": JSONL,
     "application/x-ndjson": JSONL,
 }
-_BODY_PARAMS = ("top_k", "candidates", "exclude", "fallback")
+_BODY_PARAMS = ("top_k", "candidates", "exclude", "fallback", "output")
 
 
 def media_type(header: str | None) -> str | None:
@@ -152,7 +152,29 @@ def _ranking_dict(ranks: Rankings, i: int) -> str:
     return f'{{"user_id":{user},"product_ids":[{ids}],"scores":[{scores}]}}'
 
 
+def _labelled(scores: Scores, csv: bool) -> list[str]:
+    """Per record `label,probability` (CSV) or {"label","probability"} (JSON); ""/null if none."""
+    null = "" if csv else "null"
+    quote = _csv_field if csv else json.dumps
+    texts = {label: quote(label) for label in set(scores.labels or ()) if label is not None}
+    pairs = zip(scores.labels or (), _numbers(scores.values, null), strict=True)
+    if csv:
+        return [null if label is None else f"{texts[label]},{p}" for label, p in pairs]
+    return [
+        null if label is None else f'{{"label":{texts[label]},"probability":{p}}}'
+        for label, p in pairs
+    ]
+
+
+def _csv_field(text: str) -> str:
+    if any(c in text for c in ',"\r\n') or text != text.strip():
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
 def encode_csv(prediction: Prediction) -> bytes:
+    if isinstance(prediction, Scores) and prediction.labels is not None:
+        return _lines(_labelled(prediction, csv=True))
     if isinstance(prediction, Scores):
         return (_joined(prediction.values, "\n", "") + "\n").encode() if len(prediction) else b""
     # One line per user: the product ids, best first, separated by spaces
@@ -161,7 +183,9 @@ def encode_csv(prediction: Prediction) -> bytes:
 
 
 def encode_json(prediction: Prediction) -> bytes:
-    if isinstance(prediction, Scores):
+    if isinstance(prediction, Scores) and prediction.labels is not None:
+        items = ",".join(_labelled(prediction, csv=False))
+    elif isinstance(prediction, Scores):
         items = _joined(prediction.values, ",", "null")
     else:
         items = ",".join(_ranking_dict(prediction, i) for i in range(len(prediction)))
@@ -169,6 +193,8 @@ def encode_json(prediction: Prediction) -> bytes:
 
 
 def encode_jsonlines(prediction: Prediction) -> bytes:
+    if isinstance(prediction, Scores) and prediction.labels is not None:
+        return _lines(_labelled(prediction, csv=False))
     if isinstance(prediction, Scores):
         return (
             (_joined(prediction.values, "\n", "null") + "\n").encode() if len(prediction) else b""

@@ -20,6 +20,7 @@ BATCH_MAX_PAYLOAD_MB = 100
 CONTAINER_MODEL_DIR = Path("/opt/ml/model")
 CONTAINER_MODEL_ROOT = Path("/opt/ml/models")
 FALLBACK_POLICIES = ("null", "mean", "popularity")
+TABULAR_OUTPUTS = ("probability", "label")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ServeConfig:
     max_models_mb: float | None = None  # memory guard: cap on the models loaded via /models
     min_free_mb: float = 256.0  # memory guard: keep this much memory available
     fallback: str = "null"  # score for rows the model cannot score (see README)
+    tabular_output: str = "probability"  # tabular models: "label" adds the class (label,prob)
     program: str = "inference.py"
     submit_dir: Path | None = None
     state_dir: Path | None = None  # shared by workers: model registry and metrics files
@@ -52,6 +54,9 @@ class ServeConfig:
         if self.fallback not in FALLBACK_POLICIES:
             choices = ", ".join(FALLBACK_POLICIES)
             raise RecsqlError(f"fallback policy {self.fallback!r} unknown; use one of {choices}")
+        if self.tabular_output not in TABULAR_OUTPUTS:
+            choices = " or ".join(TABULAR_OUTPUTS)
+            raise RecsqlError(f"tabular output {self.tabular_output!r} unknown; use {choices}")
         if self.workers < 1:
             raise RecsqlError(f"workers must be >= 1, not {self.workers}")
         if self.max_payload_bytes < 1:
@@ -127,6 +132,7 @@ def from_env(
         "max_models_mb": _float(env, "RECSQL_MAX_MODELS_MB", None),
         "min_free_mb": _float(env, "RECSQL_MIN_FREE_MB", 256.0),
         "fallback": (env.get("RECSQL_FALLBACK") or "null").strip().lower(),
+        "tabular_output": (env.get("RECSQL_TABULAR_OUTPUT") or "probability").strip().lower(),
         "program": env.get("SAGEMAKER_PROGRAM") or "inference.py",
         "submit_dir": Path(submit) if submit else None,
         "state_dir": Path(env["RECSQL_STATE_DIR"]) if env.get("RECSQL_STATE_DIR") else None,

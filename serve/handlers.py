@@ -15,9 +15,9 @@ from typing import Any
 
 from model.errors import BadRequest, PayloadTooLarge, RecsqlError
 from serve import codecs
-from serve.config import MB, ServeConfig
+from serve.config import MB, TABULAR_OUTPUTS, ServeConfig
 from serve.metrics import Metrics
-from serve.models import MAX_TOP_K, Options
+from serve.models import MAX_TOP_K, Options, TabularServable
 from serve.records import Prediction
 from serve.registry import ModelRegistry
 from serve.scripts import ScriptModel
@@ -66,6 +66,21 @@ def _top_k(value: Any) -> int | None:
     return k
 
 
+def _output(value: Any, tabular: bool, config: ServeConfig) -> str | None:
+    """`output=label|probability`; RECSQL_TABULAR_OUTPUT is the default for tabular models."""
+    if value is None or value == "":
+        return config.tabular_output if tabular else None
+    output = str(value).strip().lower()
+    if output not in TABULAR_OUTPUTS:
+        raise BadRequest(f"output {value!r} unknown; use {' or '.join(TABULAR_OUTPUTS)}")
+    return output
+
+
+def _is_tabular(model: object) -> bool:
+    inner = model.inner if isinstance(model, ScriptModel) else model
+    return isinstance(inner, TabularServable)
+
+
 class DataPlane:
     def __init__(
         self,
@@ -91,7 +106,10 @@ class DataPlane:
 
     # ------------------------------------------------------------ inference
 
-    def options(self, attributes: dict[str, str], params: dict[str, Any]) -> Options:
+    def options(
+        self, attributes: dict[str, str], params: dict[str, Any], tabular: bool = False
+    ) -> Options:
+        """Request options: the body's fields, then custom attributes, then the config."""
         fallback = str(params.get("fallback") or attributes.get("fallback") or self.config.fallback)
         fallback = fallback.strip().lower()
         if fallback not in ("null", "mean", "popularity"):
@@ -101,6 +119,7 @@ class DataPlane:
             top_k=_top_k(params.get("top_k", attributes.get("top_k"))),
             candidates=params.get("candidates"),
             exclude=params.get("exclude"),
+            output=_output(params.get("output") or attributes.get("output"), tabular, self.config),
         )
 
     def invoke(self, request: Invocation) -> Reply:
@@ -121,13 +140,14 @@ class DataPlane:
                     request.body,
                     request.content_type,
                     accept,
-                    self.options(attributes, {}),
+                    self.options(attributes, {}, _is_tabular(model)),
                     request.headers,
                 )
                 reply = Reply(body, content_type)
             else:
                 payload = codecs.decode(request.body, request.content_type)
-                prediction = model.predict(payload, self.options(attributes, payload.params))
+                options = self.options(attributes, payload.params, _is_tabular(model))
+                prediction = model.predict(payload, options)
                 rows, null = len(prediction), prediction.counts.get("null", 0)
                 reply = Reply(codecs.encode(prediction, accept), accept, _count_headers(prediction))
             status = 200

@@ -31,6 +31,7 @@ from model.recommender import Recommender
 from serve.records import Payload, Prediction, Rankings, Scores
 
 MAX_TOP_K = 1000
+LABEL_THRESHOLD = 0.5  # P(positive) >= this -> classes[1], as training's accuracy counts it
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Options:
     top_k: int | None = None
     candidates: Any = None  # list of product ids, or one list per user
     exclude: Any = None
+    output: str | None = None  # "probability" or "label" (tabular models); None: probability
 
 
 class ServableModel(ABC):
@@ -100,6 +102,8 @@ class RecommenderModel(ServableModel):
         self.recommender = recommender
 
     def predict(self, payload: Payload, options: Options) -> Prediction:
+        if options.output == "label":
+            raise BadRequest("output=label is for tabular models; this model scores pairs")
         if options.top_k is not None:
             return self.rank(payload, options)
         (users, products), ok = payload.table.ints(self.inputs)
@@ -168,7 +172,18 @@ class TabularServable(ServableModel):
         scores = self.model.predict_columns(columns)
         if not ok.all():
             scores[~ok] = np.nan  # unreadable records were filled with "" placeholders
-        return Scores(scores, _counts(ok, scores, None))
+        result = Scores(scores, _counts(ok, scores, None))
+        if options.output == "label":
+            result.labels = self.labels(scores)
+        return result
+
+    def labels(self, scores: np.ndarray) -> list[str | None]:
+        """classes[1] where P >= LABEL_THRESHOLD, classes[0] below, None without a score."""
+        negative, positive = self.model.classes
+        with np.errstate(invalid="ignore"):
+            chosen = np.where(scores >= LABEL_THRESHOLD, 1, 0)
+        chosen[np.isnan(scores)] = 2
+        return [(negative, positive, None)[c] for c in chosen.tolist()]
 
     def describe(self) -> dict[str, Any]:
         return self.model.describe()

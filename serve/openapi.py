@@ -22,6 +22,12 @@ _PAIRS = {
         "candidates": {"type": "array", "description": "product ids, or one list per user"},
         "exclude": {"type": "array", "description": "product ids, or one list per user"},
         "fallback": {"type": "string", "enum": ["null", "mean", "popularity"]},
+        "output": {
+            "type": "string",
+            "enum": ["probability", "label"],
+            "description": "tabular models: label adds the predicted class (P >= 0.5 ->"
+            " classes[1]); default RECSQL_TABULAR_OUTPUT, else probability",
+        },
     },
 }
 _HEADERS = [
@@ -29,7 +35,8 @@ _HEADERS = [
         "name": "X-Amzn-SageMaker-Custom-Attributes",
         "in": "header",
         "schema": {"type": "string"},
-        "description": "e.g. fallback=popularity,top_k=10",
+        "description": "e.g. fallback=popularity,top_k=10; output=label (tabular models:"
+        ' CSV `label,probability`, JSON {"label", "probability"} per record)',
     },
     {"name": "X-Amzn-SageMaker-Target-Model", "in": "header", "schema": {"type": "string"}},
     {"name": "X-Amzn-SageMaker-Inference-Id", "in": "header", "schema": {"type": "string"}},
@@ -56,8 +63,20 @@ _INVOKE: dict[str, Any] = {
                 "X-Recsql-Fallback-Rows": {"schema": {"type": "integer"}},
             },
             "content": {
-                "text/csv": {"example": "0.8123\n\n"},
-                "application/json": {"example": {"predictions": [0.8123, None]}},
+                "text/csv": {
+                    "examples": {
+                        "scores": {"value": "0.8123\n\n"},
+                        "output=label": {"value": "yes,0.8123\n\n"},
+                    }
+                },
+                "application/json": {
+                    "examples": {
+                        "scores": {"value": {"predictions": [0.8123, None]}},
+                        "output=label": {
+                            "value": {"predictions": [{"label": "yes", "probability": 0.8123}]}
+                        },
+                    }
+                },
                 "application/jsonlines": {"example": "0.8123\nnull\n"},
             },
         },

@@ -25,6 +25,7 @@ from model.errors import BadRequest
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _INT_FAST_CHARS = b"0123456789-+,\n"  # a body of only these takes the vectorised path
+_BULK_MIN_ROWS = 256  # below this the per-line path is faster (fewer numpy calls)
 BAD = object()  # a record that could not be decoded at all (e.g. a bad JSON line)
 
 
@@ -101,7 +102,7 @@ class Table(ABC):
 
     @abstractmethod
     def values(self, names: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
-        """object columns (str, float or None) for `names`, e.g. tabular features."""
+        """str/object columns (str, float or None) for `names`, e.g. tabular features."""
 
 
 class CsvTable(Table):
@@ -160,6 +161,9 @@ class CsvTable(Table):
 
     def values(self, names: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
         width = len(names)
+        fast = self._values_fast(width)
+        if fast is not None:
+            return fast
         columns = [np.full(self.n_rows, "", dtype=object) for _ in range(width)]
         ok = np.zeros(self.n_rows, bool)
         for row, line in enumerate(self.lines):
@@ -170,6 +174,41 @@ class CsvTable(Table):
                 column[row] = value.decode("utf-8", errors="replace")
             ok[row] = True
         return columns, ok
+
+    def _values_fast(self, width: int) -> tuple[list[np.ndarray], np.ndarray] | None:
+        """ASCII, no quotes, every line `width` fields: cut the fields out of the body
+        with array operations into numpy str columns (no Python object per field; the
+        tabular encoder then looks categories up with searchsorted)."""
+        n = self.n_rows
+        if n < _BULK_MIN_ROWS:
+            return None
+        text = b"\n".join(self.lines) + b"\n"
+        # Quotes need the CSV parser; numpy str arrays drop trailing NULs; non-ASCII
+        # needs UTF-8 decoding: those bodies take the per-line path.
+        if b'"' in text or b"\0" in text or not text.isascii():
+            return None
+        if text.count(b",") != n * (width - 1):
+            return None
+        buf = np.frombuffer(text, np.uint8)
+        ends = np.flatnonzero((buf == 44) | (buf == 10)).reshape(n, width)
+        if (buf[ends[:, -1]] != 10).any():  # a line with too few or too many fields
+            return None
+        starts = np.empty_like(ends)
+        starts.reshape(-1)[0] = 0
+        starts.reshape(-1)[1:] = ends.reshape(-1)[:-1] + 1
+        lengths = ends - starts
+        codes = buf.astype(np.uint32)
+        columns = []
+        for j in range(width):
+            longest = int(lengths[:, j].max())
+            # One long field would make every entry of a fixed-width array long.
+            if longest * n > 4 * int(lengths[:, j].sum()) + 4096:
+                return None
+            offsets = np.arange(max(longest, 1))
+            index = np.minimum(starts[:, j, None] + offsets, len(buf) - 1)
+            chars = np.where(offsets < lengths[:, j, None], codes[index], 0)
+            columns.append(chars.view(f"U{max(longest, 1)}").ravel())  # UCS-4 = ASCII codes
+        return columns, np.ones(n, bool)
 
 
 def _split_line(line: bytes) -> list[bytes] | None:
@@ -269,10 +308,15 @@ class Payload:
 
 @dataclass
 class Scores:
-    """One score per input record; NaN means no score (empty CSV line, JSON null)."""
+    """One score per input record; NaN means no score (empty CSV line, JSON null).
+
+    With `labels` (tabular models asked for output=label) each record is also
+    given its predicted class: CSV `label,probability`, JSON {"label", "probability"}.
+    """
 
     values: np.ndarray
     counts: dict[str, int] = field(default_factory=dict)  # malformed, unknown, fallback, null
+    labels: list[str | None] | None = None  # output=label: the class per record (None: no score)
 
     def __len__(self) -> int:
         return len(self.values)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from model import load_model
+from serve import codecs
 from serve.config import ServeConfig
 from serve.handlers import Invocation
 from serve.server import build_dataplane
@@ -32,10 +33,20 @@ def bank_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bank_rows() -> list[list[str]]:
+def bank_table():
+    return read_table(BANK, "y")
+
+
+@pytest.fixture(scope="module")
+def bank_rows(bank_table) -> list[list[str]]:
     """40 raw bank rows (features only, training column order)."""
-    table = read_table(BANK, "y")
-    return [[str(c[i]) for c in table.columns] for i in range(100, 140)]
+    return [[str(c[i]) for c in bank_table.columns] for i in range(100, 140)]
+
+
+@pytest.fixture(scope="module")
+def label_rows(bank_table) -> list[list[str]]:
+    """100 raw rows that the small model scores on both sides of 0.5."""
+    return [[str(c[i]) for c in bank_table.columns] for i in range(80, 180)]
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +148,110 @@ def test_multi_model_beside_the_recommender(tmp_path, bank_dir, bank_rows, expec
             np.testing.assert_allclose(
                 floats(reply.text.splitlines()), recommender.score(users, items), rtol=1e-6
             )
+
+
+# ---------------------------------------------------------------- output=label
+
+
+def expected_labels(model_dir: Path, rows: list[list[str]]) -> tuple[list[str], np.ndarray]:
+    """In-process answer: P(positive) per row and classes[1] where P >= 0.5."""
+    model = load_model(model_dir)
+    probs = model.predict_rows(rows)
+    labels = [model.classes[int(p >= 0.5)] for p in probs]
+    assert len(set(labels)) == 2, "the rows must hold both classes for the test to mean much"
+    return labels, probs
+
+
+def split_labelled(lines: list[str]) -> tuple[list[str], np.ndarray]:
+    pairs = [line.split(",") for line in lines]
+    assert all(len(p) == 2 for p in pairs), lines
+    return [p[0] for p in pairs], floats([p[1] for p in pairs])
+
+
+def test_csv_label_and_probability_when_asked(dataplane, bank_dir, label_rows):
+    labels, probs = expected_labels(bank_dir, label_rows)
+    rows = [*label_rows, label_rows[0][:3], ["abc", *label_rows[1][1:]]]  # + 2 bad rows
+    reply = dataplane.invoke(
+        Invocation(csv_body(rows), "text/csv", custom_attributes="output=label")
+    )
+    lines = reply.body.decode().split("\n")
+    assert len(lines) == len(rows) + 1 and lines[-3:] == ["", "", ""]  # bad rows, final \n
+    got_labels, got_probs = split_labelled(lines[:-3])
+    assert got_labels == labels
+    np.testing.assert_allclose(got_probs, probs, rtol=1e-6)
+    assert reply.headers["X-Recsql-Null-Rows"] == "2"
+
+
+def test_json_and_jsonlines_label_records(dataplane, bank_dir, label_rows):
+    labels, probs = expected_labels(bank_dir, label_rows)
+    body = json.dumps({"instances": [*label_rows, ["short"]], "output": "label"}).encode()
+    got = json.loads(dataplane.invoke(Invocation(body, "application/json")).body)["predictions"]
+    assert got[-1] is None
+    assert [g["label"] for g in got[:-1]] == labels
+    np.testing.assert_allclose([g["probability"] for g in got[:-1]], probs, rtol=1e-6)
+    lines = [json.dumps(r) for r in label_rows[:5]] + ["{broken"]
+    reply = dataplane.invoke(
+        Invocation(
+            "\n".join(lines).encode(), "application/jsonlines", custom_attributes="output=label"
+        )
+    )
+    out = [json.loads(line) for line in reply.body.decode().splitlines()]
+    assert out[-1] is None and [o["label"] for o in out[:-1]] == labels[:5]
+
+
+def test_output_option_is_checked(dataplane, model_dir, bank_rows):
+    from model.errors import BadRequest
+
+    with pytest.raises(BadRequest, match="output 'class' unknown"):
+        dataplane.invoke(
+            Invocation(csv_body(bank_rows), "text/csv", custom_attributes="output=class")
+        )
+    recommender = build_dataplane(ServeConfig(model_dir=model_dir))
+    with pytest.raises(BadRequest, match="tabular"):
+        recommender.invoke(Invocation(b"1,2\n", "text/csv", custom_attributes="output=label"))
+
+
+def test_env_default_and_per_request_override_over_http(tmp_path, bank_dir, label_rows):
+    labels, probs = expected_labels(bank_dir, label_rows)
+    env = {"RECSQL_TABULAR_OUTPUT": "label"}
+    with running(["--model-dir", str(bank_dir), "--workers", "1"], tmp_path, env) as server:
+        reply = server.post("/invocations", csv_body(label_rows), "text/csv")  # Aurora's request
+        assert reply.status_code == 200, reply.text
+        got_labels, got_probs = split_labelled(reply.text.splitlines())
+        assert got_labels == labels
+        np.testing.assert_allclose(got_probs, probs, rtol=1e-6)
+        attrs = {"X-Amzn-SageMaker-Custom-Attributes": "output=probability"}
+        reply = server.post("/invocations", csv_body(label_rows), "text/csv", **attrs)
+        np.testing.assert_allclose(floats(reply.text.splitlines()), probs, rtol=1e-6)
+        attrs = {"X-Amzn-SageMaker-Custom-Attributes": "output=maybe"}
+        reply = server.post("/invocations", csv_body(label_rows), "text/csv", **attrs)
+        assert reply.status_code == 400 and "output 'maybe' unknown" in reply.text
+
+
+# ---------------------------------------------------------------- CSV fast path
+
+
+def test_bulk_csv_decoding_scores_exactly_like_row_by_row(dataplane, bank_dir, label_rows):
+    """Plain ASCII bodies are cut into numpy str columns (integers parsed digit-wise,
+    categories found by searchsorted); the answers must equal the per-row path's."""
+    model = load_model(bank_dir)
+    rows = [list(r) for r in label_rows * 3]  # 300 rows: bulk decoding starts at 256
+    edits = {0: "-0", 5: "-1234", 11: "3.5", 12: "", 13: "NA", 17: "1e3", 19: " 7"}
+    for i, value in edits.items():
+        rows[i][5] = value  # balance: a numeric column
+    rows[20][1], rows[21][1], rows[22][3] = "astronaut", "admin", "tertiary "  # unseen
+    rows[23][0] = "forty"  # not a number: no score
+    want = model.predict_rows(rows)
+    columns, ok = codecs.decode(csv_body(rows), "text/csv").table.values(model.feature_names)
+    assert ok.all() and {c.dtype.kind for c in columns} == {"U"}  # the bulk path was taken
+    reply = dataplane.invoke(Invocation(csv_body(rows), "text/csv"))
+    np.testing.assert_array_equal(
+        floats(reply.body.decode().splitlines()),
+        floats([f"{p:.7g}" if p == p else "" for p in want]),
+    )
+    np.testing.assert_array_equal(model.predict_columns(columns), want)  # bit for bit
+    long_field = [list(r) for r in rows]
+    long_field[0][1] = "x" * 5000  # one long field: the per-row path, same answers
+    columns, ok = codecs.decode(csv_body(long_field), "text/csv").table.values(model.feature_names)
+    assert columns[1].dtype == object
+    np.testing.assert_array_equal(model.predict_columns(columns), model.predict_rows(long_field))
