@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test bench soak lint install clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# 10 minutes of mixed load: errors and RSS growth (not part of `make test`)
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --minutes 10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
