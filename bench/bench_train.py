@@ -42,12 +42,16 @@ def prepared_data(events: int, seed: int, cache: Path | None) -> PreparedEvents:
 
 
 def run(cfg: TrainConfig, data: PreparedEvents, runs: int) -> dict:
-    results = [train(replace(cfg, seed=cfg.seed + r), data, None, progress=False)
-               for r in range(runs)]
+    results = [
+        train(replace(cfg, seed=cfg.seed + r), data, None, progress=False) for r in range(runs)
+    ]
     speeds = [e["samples_per_s"] for m in results for e in m["epochs"]]
     final = results[0]["final"]
-    return {"speed": statistics.median(speeds), "final": final,
-            "popularity": results[0]["popularity"]}
+    return {
+        "speed": statistics.median(speeds),
+        "final": final,
+        "popularity": results[0]["popularity"],
+    }
 
 
 def main() -> int:
@@ -64,8 +68,9 @@ def main() -> int:
     if args.quick:
         args.events, args.runs = min(args.events, 200_000), 1
     data = prepared_data(args.events, 0, args.cache)
-    base = TrainConfig(epochs=args.epochs, device="cpu", threads=args.threads,
-                       eval_users=args.eval_users)
+    base = TrainConfig(
+        epochs=args.epochs, device="cpu", threads=args.threads, eval_users=args.eval_users
+    )
     rows = [
         ("seed baseline (init seed, dense update)", replace(base, init="seed", update="dense")),
         ("recsql default (init normal, fused step)", base),
@@ -73,20 +78,26 @@ def main() -> int:
         ("recsql BPR (init normal, fused step)", replace(base, objective="bpr")),
     ]
     print("## Training (bench/bench_train.py)\n")
-    print(f"{len(data.train_labels):,} training events, {len(data.user_ids):,} users, "
-          f"{len(data.product_ids):,} items (synthetic, seed 0); {args.epochs} epoch(s), "
-          f"batch 1024, sgd lr 0.02 momentum 0.9; {args.runs} run(s) per row; CPU threads: "
-          f"{args.threads or 'auto'}; HR/NDCG@10 on {args.eval_users} users.\n")
+    print(
+        f"{len(data.train_labels):,} training events, {len(data.user_ids):,} users, "
+        f"{len(data.product_ids):,} items (synthetic, seed 0); {args.epochs} epoch(s), "
+        f"batch 1024, sgd lr 0.02 momentum 0.9; {args.runs} run(s) per row; CPU threads: "
+        f"{args.threads or 'auto'}; HR/NDCG@10 on {args.eval_users} users.\n"
+    )
     print("| run | samples/s (CPU) | test MSE | mean-predictor MSE | HR@10 | NDCG@10 |")
     print("|---|---:|---:|---:|---:|---:|")
     popularity = None
     for name, cfg in rows:
         r = run(cfg, data, args.runs if cfg.update == "lazy" else 1)
         f, popularity = r["final"], r["popularity"]
-        print(f"| {name} | {r['speed']:,.0f} | {f['test_mse']:.4f} | {f['mean_mse']:.4f} | "
-              f"{f['hr']:.4f} | {f['ndcg']:.4f} |", flush=True)
-    print(f"| popularity baseline | - | - | - | {popularity['hr']:.4f} | "
-          f"{popularity['ndcg']:.4f} |\n")
+        print(
+            f"| {name} | {r['speed']:,.0f} | {f['test_mse']:.4f} | {f['mean_mse']:.4f} | "
+            f"{f['hr']:.4f} | {f['ndcg']:.4f} |",
+            flush=True,
+        )
+    print(
+        f"| popularity baseline | - | - | - | {popularity['hr']:.4f} | {popularity['ndcg']:.4f} |\n"
+    )
     gpu_section(base, data, args)
     return 0
 
@@ -101,8 +112,10 @@ def gpu_section(base: TrainConfig, data: PreparedEvents, args: argparse.Namespac
     for batch in (1024, args.gpu_batch):
         cfg = replace(base, device="cuda", batch_size=batch)
         r = run(cfg, data, args.runs)
-        print(f"GPU ({name}), batch {batch}: {r['speed']:,.0f} samples/s, "
-              f"test MSE {r['final']['test_mse']:.4f}")
+        print(
+            f"GPU ({name}), batch {batch}: {r['speed']:,.0f} samples/s, "
+            f"test MSE {r['final']['test_mse']:.4f}"
+        )
     print()
 
 

@@ -115,8 +115,9 @@ def sagemaker_plan(environ: Mapping[str, str], use_cuda: bool | None = None) -> 
     port = _env_int(environ, "MASTER_PORT", DEFAULT_PORT)
     if use_cuda is None:
         use_cuda = gpus > 0
-    return LaunchPlan(len(hosts), hosts.index(current), max(1, gpus), hosts[0], port,
-                      _backend(use_cuda))
+    return LaunchPlan(
+        len(hosts), hosts.index(current), max(1, gpus), hosts[0], port, _backend(use_cuda)
+    )
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -146,9 +147,16 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------------- entry points
 
 
-def run_training(cfg: TrainConfig, data: Any, model_dir: Path | None, *, nproc: int | None = 1,
-                 environ: Mapping[str, str] | None = None, inputs: list[Path] | None = None,
-                 progress: bool = True) -> dict | None:
+def run_training(
+    cfg: TrainConfig,
+    data: Any,
+    model_dir: Path | None,
+    *,
+    nproc: int | None = 1,
+    environ: Mapping[str, str] | None = None,
+    inputs: list[Path] | None = None,
+    progress: bool = True,
+) -> dict | None:
     """Train on one process, N local ones, as a torchrun worker, or across SageMaker hosts.
 
     nproc: local processes (`--nproc`); None reads the SageMaker variables (SM_HOSTS...).
@@ -160,16 +168,22 @@ def run_training(cfg: TrainConfig, data: Any, model_dir: Path | None, *, nproc: 
     if is_torchrun_worker(environ):
         return _train_in_group(cfg, data, model_dir, progress, environ)
     use_cuda = resolve_device(cfg.device).type == "cuda"
-    plan = (local_plan(nproc, use_cuda) if nproc is not None
-            else sagemaker_plan(environ, use_cuda))
+    plan = local_plan(nproc, use_cuda) if nproc is not None else sagemaker_plan(environ, use_cuda)
     if plan.world_size == 1:
         return train(cfg, data, model_dir, progress=progress)
     return launch(plan, cfg, data, model_dir, inputs=inputs, progress=progress)
 
 
-def launch(plan: LaunchPlan, cfg: TrainConfig, data: Any, model_dir: Path | None, *,
-           inputs: list[Path] | None = None, progress: bool = True,
-           replica_dir: Path | None = None) -> dict | None:
+def launch(
+    plan: LaunchPlan,
+    cfg: TrainConfig,
+    data: Any,
+    model_dir: Path | None,
+    *,
+    inputs: list[Path] | None = None,
+    progress: bool = True,
+    replica_dir: Path | None = None,
+) -> dict | None:
     """Spawn this host's processes and wait. Workers read a prepared folder: the given one, or
     `data` saved once into a temporary folder (not prepared again per rank)."""
     import torch.multiprocessing as mp
@@ -182,27 +196,47 @@ def launch(plan: LaunchPlan, cfg: TrainConfig, data: Any, model_dir: Path | None
         if plan.nnodes > 1:
             raise DataError("a multi-host launch needs a fixed MASTER_PORT")
         plan = LaunchPlan(**{**asdict(plan), "master_port": _free_port()})
-    log.info("launching %d of %d ranks (%s) via %s:%d", plan.nproc_per_node, plan.world_size,
-             plan.backend, plan.master_addr, plan.master_port)
+    log.info(
+        "launching %d of %d ranks (%s) via %s:%d",
+        plan.nproc_per_node,
+        plan.world_size,
+        plan.backend,
+        plan.master_addr,
+        plan.master_port,
+    )
     with tempfile.TemporaryDirectory(prefix="recsql-dist-") as tmp:
         if inputs and len(inputs) == 1 and is_prepared_dir(inputs[0]):
             data_dir = Path(inputs[0])
         else:
             data_dir = Path(tmp) / "prepared"
             data.save(data_dir)
-        job = _Job(plan, cfg, str(data_dir), None if model_dir is None else str(model_dir),
-                   progress, None if replica_dir is None else str(replica_dir),
-                   logging.getLogger().getEffectiveLevel())
+        job = _Job(
+            plan,
+            cfg,
+            str(data_dir),
+            None if model_dir is None else str(model_dir),
+            progress,
+            None if replica_dir is None else str(replica_dir),
+            logging.getLogger().getEffectiveLevel(),
+        )
         try:
-            mp.start_processes(_spawned_worker, args=(job,), nprocs=plan.nproc_per_node,
-                               join=True, start_method="spawn")
+            mp.start_processes(
+                _spawned_worker,
+                args=(job,),
+                nprocs=plan.nproc_per_node,
+                join=True,
+                start_method="spawn",
+            )
         except mp.ProcessRaisedException as exc:
             last = exc.msg.strip().splitlines()[-1] if exc.msg.strip() else "unknown error"
-            raise DataError(f"distributed training failed on local rank {exc.error_index}: "
-                            f"{last}") from None
+            raise DataError(
+                f"distributed training failed on local rank {exc.error_index}: {last}"
+            ) from None
         except mp.ProcessExitedException as exc:
-            raise DataError(f"distributed training: local rank {exc.error_index} exited with "
-                            f"code {exc.exit_code}") from None
+            raise DataError(
+                f"distributed training: local rank {exc.error_index} exited with "
+                f"code {exc.exit_code}"
+            ) from None
     if plan.node_rank != 0 or model_dir is None:
         return None
     return json.loads((Path(model_dir) / "metrics.json").read_text())
@@ -226,23 +260,34 @@ def _spawned_worker(local_rank: int, job: _Job) -> None:
 
     plan = job.plan
     rank = plan.rank(local_rank)
-    logging.basicConfig(level=job.log_level,
-                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    logging.basicConfig(
+        level=job.log_level, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s"
+    )
     device = _rank_device(job.cfg, local_rank)
-    dist.init_process_group(plan.backend, init_method=f"tcp://{plan.master_addr}:"
-                            f"{plan.master_port}", rank=rank, world_size=plan.world_size,
-                            timeout=datetime.timedelta(minutes=60))
+    dist.init_process_group(
+        plan.backend,
+        init_method=f"tcp://{plan.master_addr}:{plan.master_port}",
+        rank=rank,
+        world_size=plan.world_size,
+        timeout=datetime.timedelta(minutes=60),
+    )
     try:
         data = PreparedEvents.load(Path(job.data_dir))
-        train_distributed(job.cfg, data, None if job.model_dir is None else Path(job.model_dir),
-                          device, progress=job.progress,
-                          replica_dir=None if job.replica_dir is None else Path(job.replica_dir))
+        train_distributed(
+            job.cfg,
+            data,
+            None if job.model_dir is None else Path(job.model_dir),
+            device,
+            progress=job.progress,
+            replica_dir=None if job.replica_dir is None else Path(job.replica_dir),
+        )
     finally:
         dist.destroy_process_group()
 
 
-def _train_in_group(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool,
-                    environ: Mapping[str, str]) -> dict | None:
+def _train_in_group(
+    cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool, environ: Mapping[str, str]
+) -> dict | None:
     """Inside a torchrun worker: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from env."""
     import torch.distributed as dist
 
@@ -251,8 +296,11 @@ def _train_in_group(cfg: TrainConfig, data: Any, model_dir: Path | None, progres
         raise DataError(f"torchrun-style launch: {', '.join(missing)} not set")
     local_rank = _env_int(environ, "LOCAL_RANK", 0)
     device = _rank_device(cfg, local_rank)
-    dist.init_process_group(_backend(device.type == "cuda"), init_method="env://",
-                            timeout=datetime.timedelta(minutes=60))
+    dist.init_process_group(
+        _backend(device.type == "cuda"),
+        init_method="env://",
+        timeout=datetime.timedelta(minutes=60),
+    )
     try:
         return train_distributed(cfg, data, model_dir, device, progress=progress)
     finally:
@@ -272,8 +320,14 @@ def _rank_device(cfg: TrainConfig, local_rank: int) -> Any:
 # ---------------------------------------------------------------------------- the training
 
 
-def train_distributed(cfg: TrainConfig, data: Any, model_dir: Path | None, device: Any,
-                      progress: bool = True, replica_dir: Path | None = None) -> dict | None:
+def train_distributed(
+    cfg: TrainConfig,
+    data: Any,
+    model_dir: Path | None,
+    device: Any,
+    progress: bool = True,
+    replica_dir: Path | None = None,
+) -> dict | None:
     """One rank's part, in an initialised process group. Rank 0 evaluates and writes the
     artifact; returns the metrics there, None on other ranks. replica_dir (tests, debugging):
     every rank writes its parameters to replica-<rank>.safetensors."""
@@ -290,44 +344,86 @@ def train_distributed(cfg: TrainConfig, data: Any, model_dir: Path | None, devic
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model = _build_model(cfg, data).to(device)
-    users, items, labels = (torch.as_tensor(np.asarray(a), device=device).to(t) for a, t in (
-        (data.train_users, torch.int64), (data.train_items, torch.int64),
-        (data.train_labels, torch.float32)))
+    users, items, labels = (
+        torch.as_tensor(np.asarray(a), device=device).to(t)
+        for a, t in (
+            (data.train_users, torch.int64),
+            (data.train_items, torch.int64),
+            (data.train_labels, torch.float32),
+        )
+    )
     _check_same_everywhere("training data", [users, items, labels.view(torch.int32)])
     _check_same_everywhere("initial weights", list(model.parameters()))
     step = ShardedStep(model, cfg, gen, rank, world)
     ev = _EvalSet.build(cfg, data, model.num_users, model.num_items) if rank == 0 else None
     if rank == 0:
-        log.info("training %s on %d ranks (%s): %d users, %d items, %d events, global batch %d",
-                 cfg.objective, world, dist.get_backend(), model.num_users, model.num_items,
-                 len(labels), cfg.batch_size)
+        log.info(
+            "training %s on %d ranks (%s): %d users, %d items, %d events, global batch %d",
+            cfg.objective,
+            world,
+            dist.get_backend(),
+            model.num_users,
+            model.num_items,
+            len(labels),
+            cfg.batch_size,
+        )
     history, resyncs = [], 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        share, seconds = _run_epoch(step, cfg, users, items, labels, model.num_items, gen,
-                                    f"epoch {epoch}/{cfg.epochs}", progress and rank == 0)
+        share, seconds = _run_epoch(
+            step,
+            cfg,
+            users,
+            items,
+            labels,
+            model.num_items,
+            gen,
+            f"epoch {epoch}/{cfg.epochs}",
+            progress and rank == 0,
+        )
         step.flush()
         loss = torch.tensor([share], dtype=torch.float64, device=device)
         dist.all_reduce(loss)  # each rank returned its share of the mean loss
         resyncs += step.resync_if_drifted()
         if rank == 0:
             model.eval()
-            row = {"epoch": epoch, "train_loss": float(loss), "seconds": seconds,
-                   "samples_per_s": len(labels) / seconds, **_epoch_metrics(model, ev, device)}
+            row = {
+                "epoch": epoch,
+                "train_loss": float(loss),
+                "seconds": seconds,
+                "samples_per_s": len(labels) / seconds,
+                **_epoch_metrics(model, ev, device),
+            }
             history.append(row)
-            log.info("epoch %d: loss %.4f, test MSE %.4f, HR@%d %.4f, %.0f samples/s", epoch,
-                     row["train_loss"], row["test_mse"], cfg.k, row["hr"], row["samples_per_s"])
+            log.info(
+                "epoch %d: loss %.4f, test MSE %.4f, HR@%d %.4f, %.0f samples/s",
+                epoch,
+                row["train_loss"],
+                row["test_mse"],
+                cfg.k,
+                row["hr"],
+                row["samples_per_s"],
+            )
     if replica_dir is not None:
         _save_replica(model, step, Path(replica_dir), rank)
     if rank != 0:
         return None
-    metrics = {"final": history[-1], "epochs": history, "popularity": ev.popularity,
-               "mean_predictor_test_mse": ev.mean_mse, "global_mean": ev.global_mean,
-               "eval_users": len(ev.rank_rows), "config": asdict(cfg),
-               "distributed": {"world_size": world, "backend": dist.get_backend(),
-                               "global_batch": cfg.batch_size,
-                               "per_rank_batch": -(-cfg.batch_size // world),
-                               "replica_resyncs": resyncs}}
+    metrics = {
+        "final": history[-1],
+        "epochs": history,
+        "popularity": ev.popularity,
+        "mean_predictor_test_mse": ev.mean_mse,
+        "global_mean": ev.global_mean,
+        "eval_users": len(ev.rank_rows),
+        "config": asdict(cfg),
+        "distributed": {
+            "world_size": world,
+            "backend": dist.get_backend(),
+            "global_batch": cfg.batch_size,
+            "per_rank_batch": -(-cfg.batch_size // world),
+            "replica_resyncs": resyncs,
+        },
+    }
     if model_dir is not None:
         save_artifact(model, cfg, data, metrics, ev, Path(model_dir), device)
     return metrics
@@ -339,8 +435,9 @@ def _build_model(cfg: TrainConfig, data: Any) -> Any:
 
     from model.mfblock import MFBlock
 
-    model = MFBlock(len(data.user_ids), len(data.product_ids), cfg.num_embeddings, cfg.dropout,
-                    sparse=True)
+    model = MFBlock(
+        len(data.user_ids), len(data.product_ids), cfg.num_embeddings, cfg.dropout, sparse=True
+    )
     model.init_weights(cfg.init, generator=torch.Generator().manual_seed(cfg.seed))
     global_mean = float(np.mean(data.train_labels, dtype=np.float64))
     if cfg.init == "normal" and global_mean > 0:
@@ -376,8 +473,10 @@ def _fingerprints(tensors: list[Any]) -> list[int]:
 def _check_same_everywhere(what: str, tensors: list[Any]) -> None:
     prints = _fingerprints(tensors)
     if len(set(prints)) > 1:
-        raise DataError(f"the {what} differ between ranks: every rank must read the same "
-                        "prepared data (on SageMaker: S3DataDistributionType FullyReplicated)")
+        raise DataError(
+            f"the {what} differ between ranks: every rank must read the same "
+            "prepared data (on SageMaker: S3DataDistributionType FullyReplicated)"
+        )
 
 
 def _save_replica(model: Any, step: FusedStep, replica_dir: Path, rank: int) -> None:
@@ -401,8 +500,7 @@ class ShardedStep(FusedStep):
     into [dense | user rows | item rows] of the global batch's unique rows, all-reduce, apply.
     """
 
-    def __init__(self, model: Any, cfg: TrainConfig, generator: Any, rank: int,
-                 world: int) -> None:
+    def __init__(self, model: Any, cfg: TrainConfig, generator: Any, rank: int, world: int) -> None:
         super().__init__(model, cfg, generator)
         self.rank, self.world = rank, world
         self._lazy_momentum = cfg.opt == "sgd" and bool(cfg.momentum)
@@ -419,7 +517,7 @@ class ShardedStep(FusedStep):
         item_pos = self._union[1][1][lo:hi]
         mask_plan = [(batch, [(lo, n)]), (batch, [(lo, n)])]
         if negatives is not None:
-            item_pos = torch.cat([item_pos, self._union[1][1][batch + lo:batch + hi]])
+            item_pos = torch.cat([item_pos, self._union[1][1][batch + lo : batch + hi]])
             mask_plan[1] = (2 * batch, [(lo, n), (batch + lo, n)])
         self._positions, self._mask_plan = [user_pos, item_pos], mask_plan
         self._share = n / batch  # FusedStep averages over this rank's n rows
@@ -427,8 +525,12 @@ class ShardedStep(FusedStep):
             for table, (rows, _) in enumerate(self._union):
                 self._catch_up(table, rows, self.steps - self.last[table].index_select(0, rows))
         self._pending: list[Any] = []
-        loss = super().__call__(users[lo:hi], items[lo:hi], labels[lo:hi],
-                                None if negatives is None else negatives[lo:hi])
+        loss = super().__call__(
+            users[lo:hi],
+            items[lo:hi],
+            labels[lo:hi],
+            None if negatives is None else negatives[lo:hi],
+        )
         if self._lazy_momentum:  # the rows other ranks touched moved at this step too
             for table, (rows, _) in enumerate(self._union):
                 self.last[table].index_fill_(0, rows, self.steps)
@@ -468,8 +570,10 @@ class ShardedStep(FusedStep):
         parts = self._pending
         flat = torch.cat([p.reshape(-1) for p in parts]).mul_(self._share)
         dist.all_reduce(flat)
-        summed = [chunk.view_as(p) for chunk, p in zip(
-            flat.split([p.numel() for p in parts]), parts, strict=True)]
+        summed = [
+            chunk.view_as(p)
+            for chunk, p in zip(flat.split([p.numel() for p in parts]), parts, strict=True)
+        ]
         super()._update_dense(summed[:4])
         for table in (0, 1):
             rows = self._union[table][0]

@@ -94,9 +94,9 @@ def ranking_metrics(
         pos, items = seen.pairs(users[rows])
         keep = items != test_items[rows][pos]
         dev = scores.device
-        scores[torch.as_tensor(pos[keep], device=dev), torch.as_tensor(items[keep], device=dev)] = (
-            -torch.inf
-        )
+        scores[
+            torch.as_tensor(pos[keep], device=dev), torch.as_tensor(items[keep], device=dev)
+        ] = -torch.inf
         target = scores[
             torch.arange(len(rows), device=dev), torch.as_tensor(test_items[rows], device=dev)
         ]
@@ -143,8 +143,11 @@ def plot_curves(history: list[dict[str, Any]], baseline: dict[str, float], path:
 
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_mse", "train MSE"), ("test_mse", "test MSE"),
-                       ("mean_mse", "mean predictor (test)")):
+    for key, label in (
+        ("train_mse", "train MSE"),
+        ("test_mse", "test MSE"),
+        ("mean_mse", "mean predictor (test)"),
+    ):
         left.plot(epochs, [h[key] for h in history], marker="o", label=label)
     left.set(xlabel="epoch", ylabel="MSE", title="regression")
     left.legend()

@@ -131,8 +131,15 @@ def run_training_job(env: SageMakerEnv, progress: bool = False) -> int:
         log.info("SageMaker training job: inputs %s, config %s", inputs, cfg)
         data = load_events(inputs, cfg.min_events, progress=progress)
         # distributed hook (issue E): SM_HOSTS x SM_NUM_GPUS ranks; metrics None off rank 0
-        metrics = run_training(cfg, data, env.model_dir, nproc=None, environ=env.environ,
-                               inputs=inputs, progress=progress)
+        metrics = run_training(
+            cfg,
+            data,
+            env.model_dir,
+            nproc=None,
+            environ=env.environ,
+            inputs=inputs,
+            progress=progress,
+        )
         if metrics is None:
             return 0
         env.output_data_dir.mkdir(parents=True, exist_ok=True)

@@ -90,8 +90,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise DataError(f"{name} must be one of {', '.join(allowed)}, not "
-                                f"{getattr(self, name)!r}")
+                raise DataError(
+                    f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}"
+                )
         positive = ("num_embeddings", "epochs", "batch_size", "k", "lr", "min_events")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -134,14 +135,27 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, type=FIELD_TYPES[f.name], default=f.default,
-                       choices=CHOICES.get(f.name), help=f"(default {f.default})")
-    p.add_argument("--model-dir", type=Path, default=Path("out/model"),
-                   help="where the artifact goes (default ./out/model)")
+        p.add_argument(
+            flag,
+            type=FIELD_TYPES[f.name],
+            default=f.default,
+            choices=CHOICES.get(f.name),
+            help=f"(default {f.default})",
+        )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path("out/model"),
+        help="where the artifact goes (default ./out/model)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     # distributed hook (issue E): see training/distributed.py
-    p.add_argument("--nproc", type=int, default=1,
-                   help="train on N local processes, one per GPU or gloo on CPU (default 1)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train on N local processes, one per GPU or gloo on CPU (default 1)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -152,8 +166,10 @@ def resolve_device(name: str) -> Any:
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device cuda: no CUDA device available to torch {torch.__version__} "
-                        "here; use --device cpu or auto")
+        raise DataError(
+            f"--device cuda: no CUDA device available to torch {torch.__version__} "
+            "here; use --device cpu or auto"
+        )
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -181,13 +197,18 @@ class FusedStep:
 
         self.cfg, self.gen = cfg, generator
         self.wu, self.wi = model.user_embeddings.weight.data, model.item_embeddings.weight.data
-        self.dense = [model.dense_user.weight.data, model.dense_user.bias.data,
-                      model.dense_item.weight.data, model.dense_item.bias.data]
+        self.dense = [
+            model.dense_user.weight.data,
+            model.dense_user.bias.data,
+            model.dense_item.weight.data,
+            model.dense_item.bias.data,
+        ]
         self.dense_state = [torch.zeros_like(p) for p in self.dense]
         self.emb_state = [torch.zeros_like(self.wu), torch.zeros_like(self.wi)]
         # the step that last touched each row, for the momentum catch-up
-        self.last = [torch.zeros(len(w), dtype=torch.int64, device=w.device)
-                     for w in (self.wu, self.wi)]
+        self.last = [
+            torch.zeros(len(w), dtype=torch.int64, device=w.device) for w in (self.wu, self.wi)
+        ]
         self.steps = 0
         self.keep_bytes = round((1.0 - cfg.dropout) * 256)  # keep if random byte < this
         self.scale = 256.0 / self.keep_bytes
@@ -269,8 +290,9 @@ class FusedStep:
             torch._foreach_add_(grads, self.dense, alpha=cfg.wd)
         if cfg.opt == "adagrad":
             torch._foreach_addcmul_(self.dense_state, grads, grads)
-            steps = torch._foreach_div(grads, torch._foreach_add(torch._foreach_sqrt(
-                self.dense_state), 1e-10))
+            steps = torch._foreach_div(
+                grads, torch._foreach_add(torch._foreach_sqrt(self.dense_state), 1e-10)
+            )
         elif cfg.momentum:
             torch._foreach_mul_(self.dense_state, cfg.momentum)
             torch._foreach_add_(self.dense_state, grads)
@@ -307,8 +329,9 @@ class DenseStep:
         if cfg.opt == "adagrad":
             self.opt = torch.optim.Adagrad(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
         else:
-            self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                       weight_decay=cfg.wd)
+            self.opt = torch.optim.SGD(
+                model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd
+            )
 
     def __call__(self, users: Any, items: Any, labels: Any, negatives: Any = None) -> Any:
         import torch.nn.functional as F
@@ -344,8 +367,9 @@ def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = 
         raise DataError("no training events left after preparation")
 
     # model: initialised on the CPU, so a seed gives the same start on any device
-    model = MFBlock(num_users, num_items, cfg.num_embeddings, cfg.dropout,
-                    sparse=cfg.update == "lazy")
+    model = MFBlock(
+        num_users, num_items, cfg.num_embeddings, cfg.dropout, sparse=cfg.update == "lazy"
+    )
     model.init_weights(cfg.init, generator=torch.Generator().manual_seed(cfg.seed))
     global_mean = float(np.mean(data.train_labels, dtype=np.float64))
     if cfg.init == "normal" and global_mean > 0:
@@ -365,34 +389,71 @@ def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = 
 
     # evaluation set-up, fixed for the run
     ev = _EvalSet.build(cfg, data, num_users, num_items)
-    log.info("training %s: %d users, %d items, %d events on %s", cfg.objective, num_users,
-             num_items, len(labels), device)
+    log.info(
+        "training %s: %d users, %d items, %d events on %s",
+        cfg.objective,
+        num_users,
+        num_items,
+        len(labels),
+        device,
+    )
 
     history: list[dict[str, Any]] = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        loss, seconds = _run_epoch(step, cfg, users, items, labels, num_items, gen,
-                                   f"epoch {epoch}/{cfg.epochs}", progress)
+        loss, seconds = _run_epoch(
+            step, cfg, users, items, labels, num_items, gen, f"epoch {epoch}/{cfg.epochs}", progress
+        )
         if isinstance(step, FusedStep):
             step.flush()
         model.eval()
-        row = {"epoch": epoch, "train_loss": loss, "seconds": seconds,
-               "samples_per_s": len(labels) / seconds, **_epoch_metrics(model, ev, device)}
+        row = {
+            "epoch": epoch,
+            "train_loss": loss,
+            "seconds": seconds,
+            "samples_per_s": len(labels) / seconds,
+            **_epoch_metrics(model, ev, device),
+        }
         history.append(row)
-        log.info("epoch %d: loss %.4f, test MSE %.4f (mean predictor %.4f), HR@%d %.4f, "
-                 "NDCG@%d %.4f, %.0f samples/s", epoch, loss, row["test_mse"], row["mean_mse"],
-                 cfg.k, row["hr"], cfg.k, row["ndcg"], row["samples_per_s"])
+        log.info(
+            "epoch %d: loss %.4f, test MSE %.4f (mean predictor %.4f), HR@%d %.4f, "
+            "NDCG@%d %.4f, %.0f samples/s",
+            epoch,
+            loss,
+            row["test_mse"],
+            row["mean_mse"],
+            cfg.k,
+            row["hr"],
+            cfg.k,
+            row["ndcg"],
+            row["samples_per_s"],
+        )
 
-    metrics = {"final": history[-1], "epochs": history, "popularity": ev.popularity,
-               "mean_predictor_test_mse": ev.mean_mse, "global_mean": ev.global_mean,
-               "eval_users": len(ev.rank_rows), "config": asdict(cfg)}
+    metrics = {
+        "final": history[-1],
+        "epochs": history,
+        "popularity": ev.popularity,
+        "mean_predictor_test_mse": ev.mean_mse,
+        "global_mean": ev.global_mean,
+        "eval_users": len(ev.rank_rows),
+        "config": asdict(cfg),
+    }
     if model_dir is not None:
         save_artifact(model, cfg, data, metrics, ev, Path(model_dir), device)
     return metrics
 
 
-def _run_epoch(step: Any, cfg: TrainConfig, users: Any, items: Any, labels: Any,
-               num_items: int, gen: Any, desc: str, progress: bool) -> tuple[float, float]:
+def _run_epoch(
+    step: Any,
+    cfg: TrainConfig,
+    users: Any,
+    items: Any,
+    labels: Any,
+    num_items: int,
+    gen: Any,
+    desc: str,
+    progress: bool,
+) -> tuple[float, float]:
     """One pass in a fresh random order; returns (mean loss, seconds in the loop)."""
     import torch
     from tqdm import tqdm
@@ -405,11 +466,22 @@ def _run_epoch(step: Any, cfg: TrainConfig, users: Any, items: Any, labels: Any,
     start = time.perf_counter()
     perm = torch.randperm(n, device=dev, generator=gen)
     u, i, y = users[perm], items[perm], labels[perm]
-    neg = (torch.randint(num_items, (n,), device=dev, generator=gen)
-           if cfg.objective == "bpr" else None)
+    neg = (
+        torch.randint(num_items, (n,), device=dev, generator=gen)
+        if cfg.objective == "bpr"
+        else None
+    )
     total = torch.zeros((), device=dev)
-    bar = tqdm(total=n, desc=desc, unit="ev", unit_scale=True, disable=not progress,
-               file=sys.stderr, mininterval=0.5, leave=False)
+    bar = tqdm(
+        total=n,
+        desc=desc,
+        unit="ev",
+        unit_scale=True,
+        disable=not progress,
+        file=sys.stderr,
+        mininterval=0.5,
+        leave=False,
+    )
     with torch.no_grad() if cfg.update == "lazy" else torch.enable_grad():
         for batch, s in enumerate(range(0, n, bs)):
             e = min(s + bs, n)
@@ -465,12 +537,24 @@ class _EvalSet:
         global_mean = float(np.mean(data.train_labels, dtype=np.float64))
         tl = np.asarray(data.test_labels, np.float32)
         train_rows = sample_rows(len(data.train_labels), cfg.train_mse_rows, cfg.seed + 1)
-        pop = popularity_metrics(data.train_items, num_items, tu[rank_rows], ti[rank_rows],
-                                 seen, cfg.k)
-        return cls(tu, ti, tl, train_rows, np.asarray(data.train_users, np.int64),
-                   np.asarray(data.train_items, np.int64), np.asarray(data.train_labels),
-                   rank_rows, seen, global_mean, mse(np.full(len(tl), global_mean), tl), pop,
-                   cfg.k)
+        pop = popularity_metrics(
+            data.train_items, num_items, tu[rank_rows], ti[rank_rows], seen, cfg.k
+        )
+        return cls(
+            tu,
+            ti,
+            tl,
+            train_rows,
+            np.asarray(data.train_users, np.int64),
+            np.asarray(data.train_items, np.int64),
+            np.asarray(data.train_labels),
+            rank_rows,
+            seen,
+            global_mean,
+            mse(np.full(len(tl), global_mean), tl),
+            pop,
+            cfg.k,
+        )
 
 
 def _tower(model: Any, side: str, rows: np.ndarray, device: Any, chunk: int = 1 << 18) -> Any:
@@ -480,15 +564,17 @@ def _tower(model: Any, side: str, rows: np.ndarray, device: Any, chunk: int = 1 
     tower = model.user_tower if side == "user" else model.item_tower
     idx = torch.as_tensor(rows, device=device)
     with torch.no_grad():
-        return torch.cat([tower(idx[s:s + chunk]) for s in range(0, len(idx), chunk)] or
-                         [torch.empty(0, model.num_emb, device=device)])
+        return torch.cat(
+            [tower(idx[s : s + chunk]) for s in range(0, len(idx), chunk)]
+            or [torch.empty(0, model.num_emb, device=device)]
+        )
 
 
 def _predict(model: Any, users: np.ndarray, items: np.ndarray, device: Any) -> np.ndarray:
     out = []
     for s in range(0, len(users), 1 << 18):
-        u = _tower(model, "user", users[s:s + (1 << 18)], device)
-        i = _tower(model, "item", items[s:s + (1 << 18)], device)
+        u = _tower(model, "user", users[s : s + (1 << 18)], device)
+        i = _tower(model, "item", items[s : s + (1 << 18)], device)
         out.append((u * i).sum(1).cpu().numpy())
     return np.concatenate(out) if out else np.empty(0, np.float32)
 
@@ -496,12 +582,18 @@ def _predict(model: Any, users: np.ndarray, items: np.ndarray, device: Any) -> n
 def _epoch_metrics(model: Any, ev: _EvalSet, device: Any) -> dict[str, float]:
     tr = ev.train_rows
     item_vectors = _tower(model, "item", np.arange(model.num_items), device)
-    rank = ranking_metrics(_tower(model, "user", ev.test_users[ev.rank_rows], device),
-                           item_vectors, ev.test_users[ev.rank_rows],
-                           ev.test_items[ev.rank_rows], ev.seen, ev.k)
+    rank = ranking_metrics(
+        _tower(model, "user", ev.test_users[ev.rank_rows], device),
+        item_vectors,
+        ev.test_users[ev.rank_rows],
+        ev.test_items[ev.rank_rows],
+        ev.seen,
+        ev.k,
+    )
     return {
-        "train_mse": mse(_predict(model, ev.train_users[tr], ev.train_items[tr], device),
-                         ev.train_labels[tr]),
+        "train_mse": mse(
+            _predict(model, ev.train_users[tr], ev.train_items[tr], device), ev.train_labels[tr]
+        ),
         "test_mse": mse(_predict(model, ev.test_users, ev.test_items, device), ev.test_labels),
         "mean_mse": ev.mean_mse,
         "hr": rank["hr"],
@@ -519,8 +611,9 @@ def item_popularity(model: Any, train_users: np.ndarray, device: Any) -> np.ndar
     """
     import torch
 
-    counts = torch.as_tensor(np.bincount(train_users, minlength=model.num_users),
-                             dtype=torch.float32, device=device)
+    counts = torch.as_tensor(
+        np.bincount(train_users, minlength=model.num_users), dtype=torch.float32, device=device
+    )
     mean_user = torch.zeros(model.num_emb, device=device)
     for s in range(0, model.num_users, 1 << 18):
         rows = np.arange(s, min(s + (1 << 18), model.num_users))
@@ -530,8 +623,15 @@ def item_popularity(model: Any, train_users: np.ndarray, device: Any) -> np.ndar
     return (items @ mean_user).cpu().numpy().astype(np.float32)
 
 
-def save_artifact(model: Any, cfg: TrainConfig, data: Any, metrics: dict, ev: _EvalSet,
-                  model_dir: Path, device: Any) -> Path:
+def save_artifact(
+    model: Any,
+    cfg: TrainConfig,
+    data: Any,
+    metrics: dict,
+    ev: _EvalSet,
+    model_dir: Path,
+    device: Any,
+) -> Path:
     import json
 
     from model.artifact import save_mfblock
@@ -539,11 +639,21 @@ def save_artifact(model: Any, cfg: TrainConfig, data: Any, metrics: dict, ev: _E
     weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     weights["item_popularity"] = item_popularity(model, ev.train_users, device)
     save_mfblock(
-        model_dir, weights, data.user_ids, data.product_ids,
-        architecture={"num_users": model.num_users, "num_items": model.num_items,
-                      "num_emb": model.num_emb, "dropout_p": model.dropout_p},
-        objective=cfg.objective, init=cfg.init, train_config=asdict(cfg),
-        metrics=metrics, global_mean=ev.global_mean,
+        model_dir,
+        weights,
+        data.user_ids,
+        data.product_ids,
+        architecture={
+            "num_users": model.num_users,
+            "num_items": model.num_items,
+            "num_emb": model.num_emb,
+            "dropout_p": model.dropout_p,
+        },
+        objective=cfg.objective,
+        init=cfg.init,
+        train_config=asdict(cfg),
+        metrics=metrics,
+        global_mean=ev.global_mean,
         item_popularity="model score of the event-weighted mean training user for the item",
         data_stats=getattr(data, "stats", {}),
     )
@@ -558,23 +668,35 @@ def run_train_command(args: argparse.Namespace) -> int:
 
         env = SageMakerEnv.detect()
         if env is None:
-            raise DataError("no inputs: give event files/folders or a prepared folder "
-                            "(or run as `train` inside a SageMaker job, with /opt/ml)")
+            raise DataError(
+                "no inputs: give event files/folders or a prepared folder "
+                "(or run as `train` inside a SageMaker job, with /opt/ml)"
+            )
         return run_training_job(env, progress=not args.no_progress)
     cfg = config_from_args(args)
     data = load_events(args.inputs, cfg.min_events, progress=not args.no_progress)
     # distributed hook (issue E): --nproc N, or a torchrun worker; None on ranks other than 0
     from training.distributed import run_training
 
-    metrics = run_training(cfg, data, args.model_dir, nproc=args.nproc, inputs=args.inputs,
-                           progress=not args.no_progress)
+    metrics = run_training(
+        cfg,
+        data,
+        args.model_dir,
+        nproc=args.nproc,
+        inputs=args.inputs,
+        progress=not args.no_progress,
+    )
     if metrics is None:
         return 0
     final, pop = metrics["final"], metrics["popularity"]
     print(f"model: {args.model_dir}")
-    print(f"test MSE {final['test_mse']:.4f} (mean predictor {final['mean_mse']:.4f}), "
-          f"train MSE {final['train_mse']:.4f}")
-    print(f"HR@{cfg.k} {final['hr']:.4f} NDCG@{cfg.k} {final['ndcg']:.4f} "
-          f"(popularity {pop['hr']:.4f} / {pop['ndcg']:.4f}, {metrics['eval_users']} users)")
+    print(
+        f"test MSE {final['test_mse']:.4f} (mean predictor {final['mean_mse']:.4f}), "
+        f"train MSE {final['train_mse']:.4f}"
+    )
+    print(
+        f"HR@{cfg.k} {final['hr']:.4f} NDCG@{cfg.k} {final['ndcg']:.4f} "
+        f"(popularity {pop['hr']:.4f} / {pop['ndcg']:.4f}, {metrics['eval_users']} users)"
+    )
     print(f"{final['samples_per_s']:,.0f} samples/s in the last epoch")
     return 0

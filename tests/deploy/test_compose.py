@@ -152,10 +152,14 @@ def test_allow_list_and_init_sql_match_the_compose_network() -> None:
         assert endpoint in names
 
 
-
 def test_init_sql_is_generated_from_db() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "docker/mariadb/make_initdb.py")],
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "docker/mariadb/make_initdb.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     committed = (ROOT / "docker/mariadb/initdb/10-recsql-functions.sql").read_text()
     assert committed == out.stdout, "regenerate: python docker/mariadb/make_initdb.py > ..."
 
@@ -166,15 +170,23 @@ def test_init_sql_runs_in_the_mariadb_client() -> None:
     scratch database; then call the function with NULLs (NULL back, no request made)."""
     client = shutil.which("mariadb") or shutil.which("mysql")
     url = urlsplit(os.environ.get("RECSQL_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"))
-    base = [client or "mariadb", f"--host={url.hostname}", f"--port={url.port or 3306}",
-            f"--user={url.username or 'root'}", "--batch", "--skip-column-names"]
+    base = [
+        client or "mariadb",
+        f"--host={url.hostname}",
+        f"--port={url.port or 3306}",
+        f"--user={url.username or 'root'}",
+        "--batch",
+        "--skip-column-names",
+    ]
     env = {**os.environ, "MYSQL_PWD": url.password or ""}
 
     def sql(statement: str, database: str | None = None, stdin: str | None = None) -> str:
-        args = base + ([f"--database={database}"] if database else []) + (
-            ["-e", statement] if statement else [])
-        out = subprocess.run(args, input=stdin, capture_output=True, text=True, env=env,
-                             timeout=30)
+        args = (
+            base
+            + ([f"--database={database}"] if database else [])
+            + (["-e", statement] if statement else [])
+        )
+        out = subprocess.run(args, input=stdin, capture_output=True, text=True, env=env, timeout=30)
         assert out.returncode == 0, out.stderr
         return out.stdout
 

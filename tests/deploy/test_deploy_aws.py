@@ -56,8 +56,10 @@ def session(monkeypatch):
     monkeypatch.setattr(d.time, "sleep", lambda s: None)
     with mock_aws():
         sess = boto3.Session(region_name=REGION)
-        sess.events.register("before-call.sagemaker.UpdateEndpoint",
-                             lambda params, **kw: _update_endpoint_shim(params))
+        sess.events.register(
+            "before-call.sagemaker.UpdateEndpoint",
+            lambda params, **kw: _update_endpoint_shim(params),
+        )
         sess.client("s3").create_bucket(
             Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION}
         )
@@ -69,8 +71,14 @@ def cfg() -> d.AwsConfig:
 
 
 def spec(data: str, multi: bool = False) -> d.EndpointSpec:
-    return d.EndpointSpec("recsql-test", IMAGE, ROLE, data, multi_model=multi,
-                          environment={"SAGEMAKER_MODEL_SERVER_WORKERS": "2"})
+    return d.EndpointSpec(
+        "recsql-test",
+        IMAGE,
+        ROLE,
+        data,
+        multi_model=multi,
+        environment={"SAGEMAKER_MODEL_SERVER_WORKERS": "2"},
+    )
 
 
 def test_package_round_trip(tmp_path: Path) -> None:
@@ -80,8 +88,9 @@ def test_package_round_trip(tmp_path: Path) -> None:
         assert sorted(archive.getnames()) == sorted(p.name for p in model_dir.iterdir())
     restored = load_model(safe_extract(tar, tmp_path / "restored"))
     users, products = np.array([10, 13, 11]), np.array([100, 104, 102])
-    np.testing.assert_array_equal(restored.score(users, products),
-                                  load_model(model_dir).score(users, products))
+    np.testing.assert_array_equal(
+        restored.score(users, products), load_model(model_dir).score(users, products)
+    )
 
 
 def test_package_refuses_a_broken_model(tmp_path: Path) -> None:
@@ -93,8 +102,12 @@ def test_package_refuses_a_broken_model(tmp_path: Path) -> None:
 
 
 def test_create_update_delete_and_clean_up(session, tmp_path: Path) -> None:
-    (uri,) = d.package_to_s3(session, [make_model(tmp_path / "v1")],
-                             d.model_data_prefix(cfg(), "recsql-test"), progress=False)
+    (uri,) = d.package_to_s3(
+        session,
+        [make_model(tmp_path / "v1")],
+        d.model_data_prefix(cfg(), "recsql-test"),
+        progress=False,
+    )
     assert uri.startswith(f"s3://{BUCKET}/recsql/recsql-test/") and uri.endswith("/model.tar.gz")
     config1 = d.deploy_endpoint(session, spec(uri), poll_s=0, progress=False)
     sm = session.client("sagemaker")
@@ -125,7 +138,9 @@ def test_create_update_delete_and_clean_up(session, tmp_path: Path) -> None:
     configs = sm.list_endpoint_configs()["EndpointConfigs"]
     assert [c["EndpointConfigName"] for c in configs] == [config2]
 
-    deleted = d.delete_endpoint(session, "recsql-test", purge_s3=f"s3://{BUCKET}/recsql/recsql-test/")
+    deleted = d.delete_endpoint(
+        session, "recsql-test", purge_s3=f"s3://{BUCKET}/recsql/recsql-test/"
+    )
     assert deleted[0] == "autoscaling target endpoint/recsql-test/variant/AllTraffic"
     assert sm.list_endpoints()["Endpoints"] == []
     assert sm.list_models()["Models"] == [] and sm.list_endpoint_configs()["EndpointConfigs"] == []
@@ -155,7 +170,8 @@ def test_autoscaling_policy(session, tmp_path: Path) -> None:
     config = found["TargetTrackingScalingPolicyConfiguration"]
     assert found["PolicyName"] == policy and config["TargetValue"] == 750.0
     assert config["PredefinedMetricSpecification"]["PredefinedMetricType"] == (
-        "SageMakerVariantInvocationsPerInstance")
+        "SageMakerVariantInvocationsPerInstance"
+    )
     with pytest.raises(BadRequest):
         d.autoscale(session, "recsql-test", 5, 2)
     with pytest.raises(BadRequest, match="no endpoint"):
@@ -182,16 +198,51 @@ def test_cli_end_to_end(session, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(boto3, "Session", lambda region_name=None: session)
     model_dir = make_model(tmp_path / "m")
     base = ["--region", REGION, "--role", ROLE, "--bucket", BUCKET, "--image", IMAGE]
-    assert main(["deploy", "endpoint", "recsql-cli", "--model-dir", str(model_dir),
-                 "--poll", "0", "--no-progress", *base]) == 0
+    assert (
+        main(
+            [
+                "deploy",
+                "endpoint",
+                "recsql-cli",
+                "--model-dir",
+                str(model_dir),
+                "--poll",
+                "0",
+                "--no-progress",
+                *base,
+            ]
+        )
+        == 0
+    )
     assert "endpoint recsql-cli: InService" in capsys.readouterr().out
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("10,100\n11,101\n")
-    assert main(["deploy", "transform", "--endpoint", "recsql-cli", "--input", str(pairs),
-                 "--region", REGION, "--bucket", BUCKET, "--no-progress", "--wait"]) == 0
+    assert (
+        main(
+            [
+                "deploy",
+                "transform",
+                "--endpoint",
+                "recsql-cli",
+                "--input",
+                str(pairs),
+                "--region",
+                REGION,
+                "--bucket",
+                BUCKET,
+                "--no-progress",
+                "--wait",
+            ]
+        )
+        == 0
+    )
     assert "Completed" in capsys.readouterr().out
-    assert main(["deploy", "delete", "recsql-cli", "--purge-s3", "--region", REGION,
-                 "--bucket", BUCKET]) == 0
+    assert (
+        main(
+            ["deploy", "delete", "recsql-cli", "--purge-s3", "--region", REGION, "--bucket", BUCKET]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "deleted endpoint recsql-cli" in out and "objects under" in out
     keys = session.client("s3").list_objects_v2(Bucket=BUCKET).get("Contents", [])
@@ -212,8 +263,26 @@ def test_cli_errors_are_one_line(session, monkeypatch, capsys, tmp_path: Path) -
     assert "bad endpoint name" in capsys.readouterr().err
     assert main(["deploy", "delete", "missing", "--region", REGION]) == 1
     assert "no endpoint 'missing'" in capsys.readouterr().err
-    assert main(["deploy", "endpoint", "e1", "--model-data", "s3://nobucket-x/m.tar.gz",
-                 "--region", REGION, "--role", ROLE, "--image", IMAGE, "--env", "NOEQUALS"]) == 1
+    assert (
+        main(
+            [
+                "deploy",
+                "endpoint",
+                "e1",
+                "--model-data",
+                "s3://nobucket-x/m.tar.gz",
+                "--region",
+                REGION,
+                "--role",
+                ROLE,
+                "--image",
+                IMAGE,
+                "--env",
+                "NOEQUALS",
+            ]
+        )
+        == 1
+    )
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
@@ -225,8 +294,23 @@ def test_upload_to_a_missing_bucket_says_so(session, tmp_path: Path) -> None:
 
 
 def test_ecr_commands(capsys, monkeypatch) -> None:
-    assert main(["deploy", "ecr-commands", "--account", "123456789012", "--region", REGION,
-                 "--variant", "gpu", "--tag", "v1"]) == 0
+    assert (
+        main(
+            [
+                "deploy",
+                "ecr-commands",
+                "--account",
+                "123456789012",
+                "--region",
+                REGION,
+                "--variant",
+                "gpu",
+                "--tag",
+                "v1",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     image = f"123456789012.dkr.ecr.{REGION}.amazonaws.com/recsql:v1"
     assert any(ln.startswith("aws ecr get-login-password") and "docker login" in ln for ln in lines)
@@ -240,6 +324,16 @@ def test_deploy_help_explains(capsys) -> None:
         main(["deploy", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for word in ("package", "endpoint", "update", "delete", "transform", "ecr-commands",
-                 "autoscale", "pipeline", "RECSQL_ROLE_ARN", "RECSQL_S3_BUCKET"):
+    for word in (
+        "package",
+        "endpoint",
+        "update",
+        "delete",
+        "transform",
+        "ecr-commands",
+        "autoscale",
+        "pipeline",
+        "RECSQL_ROLE_ARN",
+        "RECSQL_S3_BUCKET",
+    ):
         assert word in out

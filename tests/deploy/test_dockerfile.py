@@ -26,7 +26,13 @@ def _tool(name: str) -> str:
 
 def test_stages_and_default_target() -> None:
     assert [s.name for s in STAGES] == [
-        "udf-build", "mariadb", "cpu-base", "gpu-base", "app", "local", "sagemaker"
+        "udf-build",
+        "mariadb",
+        "cpu-base",
+        "gpu-base",
+        "app",
+        "local",
+        "sagemaker",
     ]
     # `docker build .` builds the last stage: the SageMaker image, from `app`.
     assert STAGES[-1].name == "sagemaker" and STAGES[-1].base == "app"
@@ -118,12 +124,17 @@ def test_dockerignore_keeps_the_virtualenv_out() -> None:
 
 
 def test_hadolint_finds_nothing() -> None:
-    out = subprocess.run([_tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [_tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_shellcheck_passes_the_entrypoint() -> None:
-    out = subprocess.run([_tool("shellcheck"), str(ROOT / "docker/entrypoint.sh")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [_tool("shellcheck"), str(ROOT / "docker/entrypoint.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -61,10 +61,14 @@ def run(env: dict[str, str], *args: str) -> tuple[list[str], int, int]:
         (("serve",), ["serve", "--container", "--port", "8080"]),
         (("serve", "--workers", "2"), ["serve", "--container", "--port", "8080", "--workers", "2"]),
         (("train",), ["train", "--no-progress"]),
-        (("train", "data/events.csv", "--epochs", "2"),
-         ["train", "--no-progress", "data/events.csv", "--epochs", "2"]),
-        (("evaluate", "ev dir", "--model-dir", "/opt/ml/model"),
-         ["evaluate", "ev dir", "--model-dir", "/opt/ml/model"]),
+        (
+            ("train", "data/events.csv", "--epochs", "2"),
+            ["train", "--no-progress", "data/events.csv", "--epochs", "2"],
+        ),
+        (
+            ("evaluate", "ev dir", "--model-dir", "/opt/ml/model"),
+            ["evaluate", "ev dir", "--model-dir", "/opt/ml/model"],
+        ),
         (("--help",), ["--help"]),
     ],
 )

@@ -42,8 +42,9 @@ def test_pipeline_steps_refer_to_what_exists() -> None:
     assert {r.split(".")[1] for r in refs if r.startswith("Parameters.")} <= params
     # a step only reads properties of steps before it: that is the run order
     for index, step in enumerate(definition["Steps"]):
-        used = {r.split(".")[1] for r in step_references({"Steps": [step]})
-                if r.startswith("Steps.")}
+        used = {
+            r.split(".")[1] for r in step_references({"Steps": [step]}) if r.startswith("Steps.")
+        }
         assert used <= set(names[:index]), step["Name"]
     train = definition["Steps"][1]["Arguments"]
     assert train["AlgorithmSpecification"]["TrainingImage"] == IMAGE
@@ -64,8 +65,23 @@ def test_pipeline_without_lambda_stops_at_the_model() -> None:
 def test_pipeline_cli_upserts(session, monkeypatch, capsys, tmp_path: Path) -> None:
     monkeypatch.setattr(boto3, "Session", lambda region_name=None: session)
     out = tmp_path / "pipeline.json"
-    args = ["deploy", "pipeline", "--region", REGION, "--role", ROLE, "--bucket", "b",
-            "--image", IMAGE, "--deploy-lambda-arn", LAMBDA, "--out", str(out), "--upsert"]
+    args = [
+        "deploy",
+        "pipeline",
+        "--region",
+        REGION,
+        "--role",
+        ROLE,
+        "--bucket",
+        "b",
+        "--image",
+        IMAGE,
+        "--deploy-lambda-arn",
+        LAMBDA,
+        "--out",
+        str(out),
+        "--upsert",
+    ]
     assert main(args) == 0
     assert main(args) == 0  # the second run updates
     stored = session.client("sagemaker").describe_pipeline(PipelineName="recsql")
@@ -74,8 +90,11 @@ def test_pipeline_cli_upserts(session, monkeypatch, capsys, tmp_path: Path) -> N
 
 
 def _s3_event(bucket: str, key: str) -> dict:
-    return {"Records": [{"eventSource": "aws:s3", "s3": {"bucket": {"name": bucket},
-                                                         "object": {"key": key}}}]}
+    return {
+        "Records": [
+            {"eventSource": "aws:s3", "s3": {"bucket": {"name": bucket}, "object": {"key": key}}}
+        ]
+    }
 
 
 def test_lambda_starts_training_on_upload(session, monkeypatch) -> None:
@@ -83,8 +102,9 @@ def test_lambda_starts_training_on_upload(session, monkeypatch) -> None:
     monkeypatch.setenv("RECSQL_ROLE_ARN", ROLE)
     monkeypatch.setenv("RECSQL_OUTPUT_S3", "s3://b/recsql/training/")
     monkeypatch.setenv("RECSQL_HYPERPARAMETERS", '{"epochs": 5, "opt": "sgd"}')
-    result = lambda_handler.handler(_s3_event("b", "recsql/events/2019-Oct+part.csv"), None,
-                                    session=session)
+    result = lambda_handler.handler(
+        _s3_event("b", "recsql/events/2019-Oct+part.csv"), None, session=session
+    )
     (job,) = result["training_jobs"]
     info = session.client("sagemaker").describe_training_job(TrainingJobName=job)
     assert info["AlgorithmSpecification"]["TrainingImage"] == IMAGE
@@ -119,6 +139,11 @@ def test_lambda_module_needs_only_the_standard_library_and_boto3(tmp_path: Path)
     with zipfile.ZipFile(tmp_path / "fn.zip", "w") as archive:
         archive.write(ROOT / "serve" / "lambda_handler.py", "lambda_handler.py")
     code = "import sys; sys.path.insert(0, sys.argv[1]); import lambda_handler; print('ok')"
-    out = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path / "fn.zip")],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(tmp_path / "fn.zip")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert out.stdout.strip() == "ok", out.stderr

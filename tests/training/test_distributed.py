@@ -37,8 +37,9 @@ from training.train import TrainConfig, train
 from .test_train import planted_events
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = TrainConfig(epochs=3, batch_size=256, num_embeddings=16, eval_users=0, device="cpu",
-                   threads=1)  # the seed's sgd + momentum 0.9 and dropout 0.5
+BASE = TrainConfig(
+    epochs=3, batch_size=256, num_embeddings=16, eval_users=0, device="cpu", threads=1
+)  # the seed's sgd + momentum 0.9 and dropout 0.5
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +70,21 @@ def _assert_same_quality(one: dict, many: dict) -> None:
 
 def test_two_ranks_train_the_one_process_model_with_identical_replicas(planted, tmp_path):
     one = train(BASE, planted, tmp_path / "one", progress=False)
-    many = launch(local_plan(2), BASE, planted, tmp_path / "two", progress=False,
-                  replica_dir=tmp_path / "replicas")
-    assert many["distributed"] == {"world_size": 2, "backend": "gloo", "global_batch": 256,
-                                   "per_rank_batch": 128, "replica_resyncs": 0}
+    many = launch(
+        local_plan(2),
+        BASE,
+        planted,
+        tmp_path / "two",
+        progress=False,
+        replica_dir=tmp_path / "replicas",
+    )
+    assert many["distributed"] == {
+        "world_size": 2,
+        "backend": "gloo",
+        "global_batch": 256,
+        "per_rank_batch": 128,
+        "replica_resyncs": 0,
+    }
     # it learned something, and the same thing as one process did
     assert many["final"]["test_mse"] < many["epochs"][0]["test_mse"] + 0.5
     _assert_same_quality(one, many)
@@ -100,11 +112,16 @@ def test_sagemaker_two_hosts_on_loopback_only_the_master_writes(planted, tmp_pat
     results: dict[str, object] = {}
 
     def host(name: str) -> None:
-        env = {"SM_HOSTS": '["127.0.0.1", "algo-2"]', "SM_CURRENT_HOST": name,
-               "SM_NUM_GPUS": "0", "MASTER_PORT": port}
+        env = {
+            "SM_HOSTS": '["127.0.0.1", "algo-2"]',
+            "SM_CURRENT_HOST": name,
+            "SM_NUM_GPUS": "0",
+            "MASTER_PORT": port,
+        }
         try:
-            results[name] = launch(sagemaker_plan(env), cfg, planted, tmp_path / name,
-                                   progress=False)
+            results[name] = launch(
+                sagemaker_plan(env), cfg, planted, tmp_path / name, progress=False
+            )
         except Exception as exc:  # reported below
             results[name] = exc
 
@@ -127,11 +144,34 @@ def test_sagemaker_two_hosts_on_loopback_only_the_master_writes(planted, tmp_pat
 def test_torchrun_runs_the_train_command_on_two_workers(planted, tmp_path):
     planted.save(tmp_path / "prepared")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
-           "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "recsql_cli", "train", str(tmp_path / "prepared"), "--model-dir",
-           str(tmp_path / "model"), "--epochs", "1", "--num-embeddings", "8", "--eval-users",
-           "0", "--device", "cpu", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "recsql_cli",
+        "train",
+        str(tmp_path / "prepared"),
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--epochs",
+        "1",
+        "--num-embeddings",
+        "8",
+        "--eval-users",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("model: ") == 1  # rank 0 alone reports
@@ -141,28 +181,40 @@ def test_torchrun_runs_the_train_command_on_two_workers(planted, tmp_path):
 
 
 def test_launch_plan_from_sagemaker_variables():
-    env = {"SM_HOSTS": '["algo-1", "algo-2", "algo-3"]', "SM_CURRENT_HOST": "algo-3",
-           "SM_NUM_GPUS": "8"}
+    env = {
+        "SM_HOSTS": '["algo-1", "algo-2", "algo-3"]',
+        "SM_CURRENT_HOST": "algo-3",
+        "SM_NUM_GPUS": "8",
+    }
     plan = sagemaker_plan(env)
-    assert plan == LaunchPlan(nnodes=3, node_rank=2, nproc_per_node=8, master_addr="algo-1",
-                              master_port=29500, backend="nccl")
+    assert plan == LaunchPlan(
+        nnodes=3,
+        node_rank=2,
+        nproc_per_node=8,
+        master_addr="algo-1",
+        master_port=29500,
+        backend="nccl",
+    )
     assert plan.world_size == 24 and plan.rank(0) == 16 and plan.rank(7) == 23
-    cpu = sagemaker_plan({**env, "SM_CURRENT_HOST": "algo-1", "SM_NUM_GPUS": "0",
-                          "MASTER_PORT": "7777"})
-    assert (cpu.node_rank, cpu.nproc_per_node, cpu.backend, cpu.master_port) == (0, 1, "gloo",
-                                                                                 7777)
+    cpu = sagemaker_plan(
+        {**env, "SM_CURRENT_HOST": "algo-1", "SM_NUM_GPUS": "0", "MASTER_PORT": "7777"}
+    )
+    assert (cpu.node_rank, cpu.nproc_per_node, cpu.backend, cpu.master_port) == (0, 1, "gloo", 7777)
     single = sagemaker_plan({})  # a one-instance job without the toolkit's variables
     assert single.world_size == 1
     assert sagemaker_plan(env, use_cuda=False).backend == "gloo"
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-9"}, "not in SM_HOSTS"),
-    ({"SM_HOSTS": "algo-1,algo-2"}, "JSON list"),
-    ({"SM_HOSTS": "[]"}, "non-empty JSON list"),
-    ({"SM_HOSTS": '["algo-1"]', "SM_NUM_GPUS": "eight"}, "SM_NUM_GPUS must be an integer"),
-    ({"SM_HOSTS": '["algo-1"]', "MASTER_PORT": "-1"}, "MASTER_PORT must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-9"}, "not in SM_HOSTS"),
+        ({"SM_HOSTS": "algo-1,algo-2"}, "JSON list"),
+        ({"SM_HOSTS": "[]"}, "non-empty JSON list"),
+        ({"SM_HOSTS": '["algo-1"]', "SM_NUM_GPUS": "eight"}, "SM_NUM_GPUS must be an integer"),
+        ({"SM_HOSTS": '["algo-1"]', "MASTER_PORT": "-1"}, "MASTER_PORT must be >= 0"),
+    ],
+)
 def test_bad_sagemaker_variables_are_clear_errors(env, message):
     with pytest.raises(DataError, match=message):
         sagemaker_plan(env)
