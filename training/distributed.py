@@ -52,8 +52,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from model.errors import DataError
 from training.train import FusedStep, TrainConfig, resolve_device
 
@@ -334,28 +332,27 @@ def train_distributed(
     import torch
     import torch.distributed as dist
 
-    from training.train import _epoch_metrics, _EvalSet, _run_epoch, save_artifact
+    from training.train import (
+        EvalSet,
+        build_model,
+        device_arrays,
+        epoch_metrics,
+        run_epoch,
+        run_metrics,
+        save_artifact,
+    )
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.update != "lazy":
         raise DataError("distributed training runs the fused step: use --update lazy")
-    if len(data.train_labels) == 0 or len(data.user_ids) == 0 or len(data.product_ids) == 0:
-        raise DataError("no training events left after preparation")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    model = _build_model(cfg, data).to(device)
-    users, items, labels = (
-        torch.as_tensor(np.asarray(a), device=device).to(t)
-        for a, t in (
-            (data.train_users, torch.int64),
-            (data.train_items, torch.int64),
-            (data.train_labels, torch.float32),
-        )
-    )
+    model = build_model(cfg, data).to(device)
+    users, items, labels = device_arrays(data, device)
     _check_same_everywhere("training data", [users, items, labels.view(torch.int32)])
     _check_same_everywhere("initial weights", list(model.parameters()))
     step = ShardedStep(model, cfg, gen, rank, world)
-    ev = _EvalSet.build(cfg, data, model.num_users, model.num_items) if rank == 0 else None
+    ev = EvalSet.build(cfg, data, model.num_users, model.num_items) if rank == 0 else None
     if rank == 0:
         log.info(
             "training %s on %d ranks (%s): %d users, %d items, %d events, global batch %d",
@@ -370,7 +367,7 @@ def train_distributed(
     history, resyncs = [], 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        share, seconds = _run_epoch(
+        share, seconds = run_epoch(
             step,
             cfg,
             users,
@@ -392,7 +389,7 @@ def train_distributed(
                 "train_loss": float(loss),
                 "seconds": seconds,
                 "samples_per_s": len(labels) / seconds,
-                **_epoch_metrics(model, ev, device),
+                **epoch_metrics(model, ev, device),
             }
             history.append(row)
             log.info(
@@ -409,13 +406,7 @@ def train_distributed(
     if rank != 0:
         return None
     metrics = {
-        "final": history[-1],
-        "epochs": history,
-        "popularity": ev.popularity,
-        "mean_predictor_test_mse": ev.mean_mse,
-        "global_mean": ev.global_mean,
-        "eval_users": len(ev.rank_rows),
-        "config": asdict(cfg),
+        **run_metrics(cfg, history, ev),
         "distributed": {
             "world_size": world,
             "backend": dist.get_backend(),
@@ -427,24 +418,6 @@ def train_distributed(
     if model_dir is not None:
         save_artifact(model, cfg, data, metrics, ev, Path(model_dir), device)
     return metrics
-
-
-def _build_model(cfg: TrainConfig, data: Any) -> Any:
-    """train.train()'s initialisation (the tests check both give the same model)."""
-    import torch
-
-    from model.mfblock import MFBlock
-
-    model = MFBlock(
-        len(data.user_ids), len(data.product_ids), cfg.num_embeddings, cfg.dropout, sparse=True
-    )
-    model.init_weights(cfg.init, generator=torch.Generator().manual_seed(cfg.seed))
-    global_mean = float(np.mean(data.train_labels, dtype=np.float64))
-    if cfg.init == "normal" and global_mean > 0:
-        with torch.no_grad():
-            for dense in (model.dense_user, model.dense_item):
-                dense.bias.fill_((global_mean / cfg.num_embeddings) ** 0.5)
-    return model
 
 
 def _fingerprint(tensors: list[Any]) -> Any:

@@ -357,38 +357,16 @@ def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = 
     """Train on PreparedEvents; write the artifact to model_dir (None: don't). Returns metrics."""
     import torch
 
-    from model.mfblock import MFBlock
-
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    num_users, num_items = len(data.user_ids), len(data.product_ids)
-    if len(data.train_labels) == 0 or num_users == 0 or num_items == 0:
-        raise DataError("no training events left after preparation")
-
-    # model: initialised on the CPU, so a seed gives the same start on any device
-    model = MFBlock(
-        num_users, num_items, cfg.num_embeddings, cfg.dropout, sparse=cfg.update == "lazy"
-    )
-    model.init_weights(cfg.init, generator=torch.Generator().manual_seed(cfg.seed))
-    global_mean = float(np.mean(data.train_labels, dtype=np.float64))
-    if cfg.init == "normal" and global_mean > 0:
-        with torch.no_grad():  # start predictions near the mean label (see the docstring)
-            for dense in (model.dense_user, model.dense_item):
-                dense.bias.fill_((global_mean / cfg.num_embeddings) ** 0.5)
-    model.to(device)
+    model = build_model(cfg, data).to(device)
+    num_users, num_items = model.num_users, model.num_items
     step = FusedStep(model, cfg, gen) if cfg.update == "lazy" else DenseStep(model, cfg)
-
-    # data, resident on the device for the whole run
-    def on_device(a: np.ndarray, dtype: Any) -> Any:
-        return torch.as_tensor(np.asarray(a), device=device).to(dtype)
-
-    users = on_device(data.train_users, torch.int64)
-    items = on_device(data.train_items, torch.int64)
-    labels = on_device(data.train_labels, torch.float32)
+    users, items, labels = device_arrays(data, device)
 
     # evaluation set-up, fixed for the run
-    ev = _EvalSet.build(cfg, data, num_users, num_items)
+    ev = EvalSet.build(cfg, data, num_users, num_items)
     log.info(
         "training %s: %d users, %d items, %d events on %s",
         cfg.objective,
@@ -401,7 +379,7 @@ def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = 
     history: list[dict[str, Any]] = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        loss, seconds = _run_epoch(
+        loss, seconds = run_epoch(
             step, cfg, users, items, labels, num_items, gen, f"epoch {epoch}/{cfg.epochs}", progress
         )
         if isinstance(step, FusedStep):
@@ -412,7 +390,7 @@ def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = 
             "train_loss": loss,
             "seconds": seconds,
             "samples_per_s": len(labels) / seconds,
-            **_epoch_metrics(model, ev, device),
+            **epoch_metrics(model, ev, device),
         }
         history.append(row)
         log.info(
@@ -429,7 +407,54 @@ def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = 
             row["samples_per_s"],
         )
 
-    metrics = {
+    metrics = run_metrics(cfg, history, ev)
+    if model_dir is not None:
+        save_artifact(model, cfg, data, metrics, ev, Path(model_dir), device)
+    return metrics
+
+
+def build_model(cfg: TrainConfig, data: Any) -> Any:
+    """The MFBlock a run starts from, initialised on the CPU so that a seed gives the
+    same start on any device (and on every rank of a distributed run)."""
+    import torch
+
+    from model.mfblock import MFBlock
+
+    if len(data.train_labels) == 0 or len(data.user_ids) == 0 or len(data.product_ids) == 0:
+        raise DataError("no training events left after preparation")
+    model = MFBlock(
+        len(data.user_ids),
+        len(data.product_ids),
+        cfg.num_embeddings,
+        cfg.dropout,
+        sparse=cfg.update == "lazy",
+    )
+    model.init_weights(cfg.init, generator=torch.Generator().manual_seed(cfg.seed))
+    global_mean = float(np.mean(data.train_labels, dtype=np.float64))
+    if cfg.init == "normal" and global_mean > 0:
+        with torch.no_grad():  # start predictions near the mean label (see the docstring)
+            for dense in (model.dense_user, model.dense_item):
+                dense.bias.fill_((global_mean / cfg.num_embeddings) ** 0.5)
+    return model
+
+
+def device_arrays(data: Any, device: Any) -> tuple[Any, Any, Any]:
+    """Training users, items (int64) and labels (float32), resident on `device` for the run."""
+    import torch
+
+    def on_device(a: np.ndarray, dtype: Any) -> Any:
+        return torch.as_tensor(np.asarray(a), device=device).to(dtype)
+
+    return (
+        on_device(data.train_users, torch.int64),
+        on_device(data.train_items, torch.int64),
+        on_device(data.train_labels, torch.float32),
+    )
+
+
+def run_metrics(cfg: TrainConfig, history: list[dict[str, Any]], ev: EvalSet) -> dict[str, Any]:
+    """The metrics document of a run (metrics.json and the manifest's `metrics`)."""
+    return {
         "final": history[-1],
         "epochs": history,
         "popularity": ev.popularity,
@@ -438,12 +463,9 @@ def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = 
         "eval_users": len(ev.rank_rows),
         "config": asdict(cfg),
     }
-    if model_dir is not None:
-        save_artifact(model, cfg, data, metrics, ev, Path(model_dir), device)
-    return metrics
 
 
-def _run_epoch(
+def run_epoch(
     step: Any,
     cfg: TrainConfig,
     users: Any,
@@ -514,7 +536,7 @@ def _sync(device: Any) -> None:
 
 
 @dataclass
-class _EvalSet:
+class EvalSet:
     test_users: np.ndarray
     test_items: np.ndarray
     test_labels: np.ndarray
@@ -530,7 +552,7 @@ class _EvalSet:
     k: int
 
     @classmethod
-    def build(cls, cfg: TrainConfig, data: Any, num_users: int, num_items: int) -> _EvalSet:
+    def build(cls, cfg: TrainConfig, data: Any, num_users: int, num_items: int) -> EvalSet:
         seen = SeenItems.build(data.train_users, data.train_items, num_users)
         rank_rows = sample_rows(len(data.test_users), cfg.eval_users, cfg.seed)
         tu, ti = np.asarray(data.test_users, np.int64), np.asarray(data.test_items, np.int64)
@@ -579,7 +601,7 @@ def _predict(model: Any, users: np.ndarray, items: np.ndarray, device: Any) -> n
     return np.concatenate(out) if out else np.empty(0, np.float32)
 
 
-def _epoch_metrics(model: Any, ev: _EvalSet, device: Any) -> dict[str, float]:
+def epoch_metrics(model: Any, ev: EvalSet, device: Any) -> dict[str, float]:
     tr = ev.train_rows
     item_vectors = _tower(model, "item", np.arange(model.num_items), device)
     rank = ranking_metrics(
@@ -628,7 +650,7 @@ def save_artifact(
     cfg: TrainConfig,
     data: Any,
     metrics: dict,
-    ev: _EvalSet,
+    ev: EvalSet,
     model_dir: Path,
     device: Any,
 ) -> Path:
