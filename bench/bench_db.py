@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,11 +33,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _recsql import random_mfblock, serving  # noqa: E402
+
 from db.duckdb_udf import install_duckdb_functions  # noqa: E402
 from db.http import Endpoints  # noqa: E402
 from db.load import load_events_duckdb, load_events_mysql, mysql_connect  # noqa: E402
 from db.score import ScoreOptions, score_duckdb, score_mysql  # noqa: E402
-from model import save_mfblock  # noqa: E402
 from tests.db.rees46_files import event_lines, write_events  # noqa: E402
 
 USERS, PRODUCTS, EMB = 20_000, 2_000, 32
@@ -48,52 +46,12 @@ USERS, PRODUCTS, EMB = 20_000, 2_000, 32
 
 @contextlib.contextmanager
 def recsql_server(tmp: Path, workers: int) -> Iterator[str]:
-    rng = np.random.default_rng(0)
-    weights = {
-        "user_embeddings.weight": rng.normal(0, 0.5, (USERS, EMB)),
-        "item_embeddings.weight": rng.normal(0, 0.5, (PRODUCTS, EMB)),
-        "dense_user.weight": rng.normal(0, 0.5, (EMB, EMB)),
-        "dense_user.bias": np.zeros(EMB),
-        "dense_item.weight": rng.normal(0, 0.5, (EMB, EMB)),
-        "dense_item.bias": np.zeros(EMB),
-    }
-    # the ids event_lines() writes
-    save_mfblock(
-        tmp / "model", weights, np.arange(USERS) + 500_000_000, np.arange(PRODUCTS) + 1_000_000
+    """recsql serve on a random MFBlock over the ids event_lines() writes."""
+    model_dir = random_mfblock(
+        tmp / "model", np.arange(USERS) + 500_000_000, np.arange(PRODUCTS) + 1_000_000, EMB
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "recsql_cli.py"),
-            "serve",
-            "--model-dir",
-            str(tmp / "model"),
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(300):
-            with contextlib.suppress(OSError):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                conn.request("GET", "/ping")
-                if conn.getresponse().status == 200:
-                    break
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("recsql serve did not start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with serving(model_dir, workers, tmp / "serve.log") as url:
+        yield url
 
 
 def median_rate(rows: int, fn: Callable[[], object], runs: int) -> float:

@@ -24,38 +24,30 @@ import json
 import multiprocessing
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import save_mfblock  # noqa: E402
+from _recsql import random_mfblock, serving  # noqa: E402
+
 from serve import Invocation, build_dataplane, from_env  # noqa: E402
 
 
 def make_model(
     folder: Path, users: int, items: int, emb: int = 64
 ) -> tuple[Path, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    weights = {
-        "user_embeddings.weight": rng.normal(0, 0.1, (users, emb)),
-        "item_embeddings.weight": rng.normal(0, 0.1, (items, emb)),
-        "dense_user.weight": rng.normal(0, 0.2, (emb, emb)),
-        "dense_user.bias": np.full(emb, 0.01),
-        "dense_item.weight": rng.normal(0, 0.2, (emb, emb)),
-        "dense_item.bias": np.full(emb, 0.01),
-    }
     user_ids = np.arange(users, dtype=np.int64) * 13 + 500_000_000
     item_ids = np.arange(items, dtype=np.int64) * 7 + 1_000_000
-    return save_mfblock(folder, weights, user_ids, item_ids), user_ids, item_ids
+    return random_mfblock(folder, user_ids, item_ids, emb), user_ids, item_ids
 
 
 def csv_body(user_ids: np.ndarray, item_ids: np.ndarray, n: int) -> bytes:
@@ -102,36 +94,6 @@ def top_k(model_dir: Path, user_ids, quick: bool) -> list[str]:
         p99 = times[max(0, int(len(times) * 0.99) - 1)]
         out.append(f"| {name} | {statistics.median(times) * 1e3:.3f} | {p99 * 1e3:.3f} |")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, workers: int, log: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "serve", "--model-dir", str(model_dir), "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--workers", str(workers)],
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env={"PYTHONPATH": str(ROOT), "RECSQL_LOG_LEVEL": "WARNING", "PATH": "/usr/bin:/bin"},
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/ping")
-            if conn.getresponse().status == 200:
-                time.sleep(1.0)  # let every worker boot
-                return proc, port
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server did not start:\n{log.read_text()}")
 
 
 def _wrk(port: int, body: bytes, connections: int, seconds: int) -> tuple[float, float, float]:
@@ -192,8 +154,8 @@ def http_bench(model_dir: Path, user_ids, item_ids, workers: int, seconds: int) 
     body = csv_body(user_ids, item_ids, 1)
     tool = "wrk" if shutil.which("wrk") else "python http.client"
     with tempfile.TemporaryDirectory() as tmp:
-        proc, port = start_server(model_dir, workers, Path(tmp) / "server.log")
-        try:
+        with serving(model_dir, workers, Path(tmp) / "server.log") as url:
+            port = urlsplit(url).port
             rows = [
                 f"Single-pair POST /invocations, {workers} gevent workers, keep-alive,"
                 f" client: {tool}",
@@ -205,9 +167,6 @@ def http_bench(model_dir: Path, user_ids, item_ids, workers: int, seconds: int) 
                 run = _wrk if tool == "wrk" else _python_client
                 rps, p50, p99 = run(port, body, connections, seconds)
                 rows.append(f"| {connections} | {rps:,.0f} | {p50:.2f} | {p99:.2f} |")
-        finally:
-            proc.terminate()
-            proc.wait(30)
     return rows
 
 

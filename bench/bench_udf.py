@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _recsql import random_mfblock, serving  # noqa: E402
+
 from db.functions import WILL_PURCHASE  # noqa: E402
 from db.load import mysql_connect  # noqa: E402
 from db.mysql_udf import (  # noqa: E402
@@ -46,7 +46,6 @@ from db.mysql_udf import (  # noqa: E402
     install_udf,
     write_allow_list,
 )
-from model import save_mfblock  # noqa: E402
 
 USERS, PRODUCTS, EMB = 2_000, 5_000, 32
 
@@ -86,61 +85,9 @@ def stdlib_server() -> Iterator[str]:
 
 @contextlib.contextmanager
 def recsql_server(tmp: Path) -> Iterator[str]:
-    rng = np.random.default_rng(0)
-    weights = {
-        "user_embeddings.weight": rng.normal(0, 0.5, (USERS, EMB)),
-        "item_embeddings.weight": rng.normal(0, 0.5, (PRODUCTS, EMB)),
-        "dense_user.weight": rng.normal(0, 0.5, (EMB, EMB)),
-        "dense_user.bias": np.zeros(EMB),
-        "dense_item.weight": rng.normal(0, 0.5, (EMB, EMB)),
-        "dense_item.bias": np.zeros(EMB),
-        "item_popularity": rng.uniform(0, 1, PRODUCTS),
-    }
-    model_dir = save_mfblock(tmp / "model", weights, np.arange(USERS), np.arange(PRODUCTS))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp / "serve.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serve",
-            "--model-dir",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "RECSQL_LOG_LEVEL": "WARNING"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(url, proc)
+    model_dir = random_mfblock(tmp / "model", np.arange(USERS), np.arange(PRODUCTS), EMB)
+    with serving(model_dir, 1, tmp / "serve.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
-
-
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"recsql server exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url + "/ping", timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("recsql server did not start")
 
 
 def timed(conn, sql: str, runs: int) -> float:

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,74 +13,18 @@ from db.duckdb_udf import install_duckdb_functions
 from db.http import Endpoints
 from db.score import ScoreOptions, score_duckdb
 from model.artifact import load_model, save_mfblock
+from tests.serve.conftest import random_weights, running
 
-ROOT = Path(__file__).resolve().parents[2]
 USERS = np.arange(60, dtype=np.int64) * 11 + 500
 PRODUCTS = np.arange(45, dtype=np.int64) * 3 + 9000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"recsql serve exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/ping")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("recsql serve did not become healthy")
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     model_dir = tmp_path_factory.mktemp("model")
-    rng = np.random.default_rng(7)
-    emb = 8
-    weights = {
-        "user_embeddings.weight": rng.normal(size=(len(USERS), emb)),
-        "item_embeddings.weight": rng.normal(size=(len(PRODUCTS), emb)),
-        "dense_user.weight": rng.normal(size=(emb, emb)) / 3,
-        "dense_user.bias": rng.normal(size=emb) / 10,
-        "dense_item.weight": rng.normal(size=(emb, emb)) / 3,
-        "dense_item.bias": rng.normal(size=emb) / 10,
-    }
-    save_mfblock(model_dir, weights, USERS, PRODUCTS)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "recsql_cli.py"),
-            "serve",
-            "--model-dir",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_healthy(port, proc)
-        yield f"http://127.0.0.1:{port}", model_dir
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    save_mfblock(model_dir, random_weights(7, len(USERS), len(PRODUCTS)), USERS, PRODUCTS)
+    with running(["--model-dir", str(model_dir), "--workers", "1"], model_dir.parent) as srv:
+        yield srv.url, model_dir
 
 
 def test_duckdb_function_matches_the_model(served: tuple[str, Path]) -> None:
