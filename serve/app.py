@@ -35,35 +35,55 @@ def _json(doc: Any, status: int = 200) -> Response:
     return Response(json.dumps(doc), status, mimetype="application/json")
 
 
-def _read_body(limit: int) -> bytes:
+def _read_limited(stream: Any, length: int | None, limit: int) -> bytes:
     """The request body, refusing more than `limit` bytes before reading them all."""
-    length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"body of {length} bytes exceeds the {limit}-byte limit")
-    body = request.stream.read(limit + 1) if length is None else request.get_data(cache=False)
+    body = stream.read(limit + 1) if length is None else stream.read(length)
     if len(body) > limit:
         raise PayloadTooLarge(f"body exceeds the {limit}-byte limit")
     return body
+
+
+def _read_body(limit: int) -> bytes:
+    return _read_limited(request.stream, request.content_length, limit)
+
+
+def _invocation(body: bytes, headers: EnvironHeaders, target: str | None) -> Invocation:
+    return Invocation(
+        body=body,
+        content_type=headers.get("Content-Type") or None,
+        accept=headers.get("Accept"),
+        custom_attributes=headers.get("X-Amzn-SageMaker-Custom-Attributes"),
+        target_model=target,
+        inference_id=headers.get("X-Amzn-SageMaker-Inference-Id"),
+        headers=headers,  # case-insensitive; only user scripts read it
+    )
+
+
+def _failure(exc: Exception, where: str) -> tuple[int, str]:
+    """The one mapping of an exception to (status, one-line message). A RecsqlError
+    carries its own; anything else is a 500 whose traceback goes to the log only."""
+    if isinstance(exc, RecsqlError):
+        if exc.status >= 500:
+            log.error("%s -> %d: %s", where, exc.status, exc)
+        return exc.status, _one_line(str(exc))
+    log.error("%s failed", where, exc_info=exc)
+    return 500, "internal server error (details are in the server log)\n"
 
 
 def create_app(dataplane: DataPlane) -> Flask:
     app = Flask("recsql.serve", static_folder=None)
     config = dataplane.config
 
-    @app.errorhandler(RecsqlError)
-    def _recsql_error(exc: RecsqlError) -> Response:
-        if exc.status >= 500:
-            log.error("%s %s -> %d: %s", request.method, request.path, exc.status, exc)
-        return _text(str(exc), exc.status)
-
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
         return _text(f"{exc.code} {exc.name}: {request.method} {request.path}", exc.code or 500)
 
     @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        log.exception("%s %s failed", request.method, request.path)
-        return _text("internal server error (details are in the server log)", 500)
+    def _error(exc: Exception) -> Response:
+        status, message = _failure(exc, f"{request.method} {request.path}")
+        return Response(message, status, mimetype="text/plain")
 
     @app.get("/ping")
     def ping() -> Response:
@@ -75,22 +95,14 @@ def create_app(dataplane: DataPlane) -> Flask:
         return _json(dataplane.execution_parameters())
 
     def _invoke(target: str | None) -> Response:
-        headers = request.headers
-        reply = dataplane.invoke(
-            Invocation(
-                body=_read_body(config.max_payload_bytes),
-                content_type=headers.get("Content-Type"),
-                accept=headers.get("Accept"),
-                custom_attributes=headers.get("X-Amzn-SageMaker-Custom-Attributes"),
-                target_model=target,
-                inference_id=headers.get("X-Amzn-SageMaker-Inference-Id"),
-                headers=headers,  # case-insensitive; only user scripts read it
-            )
-        )
+        body = _read_body(config.max_payload_bytes)
+        reply = dataplane.invoke(_invocation(body, request.headers, target))
         return Response(
             reply.body, reply.status, headers=reply.headers, content_type=reply.content_type
         )
 
+    # Answered by _InvocationsFastPath below; registered so the route table (which the
+    # OpenAPI document is checked against) names every path the server answers.
     @app.post("/invocations")
     def invocations() -> Response:
         return _invoke(request.headers.get("X-Amzn-SageMaker-Target-Model"))
@@ -174,45 +186,25 @@ class _InvocationsFastPath:
         if environ.get("PATH_INFO") != "/invocations" or environ.get("REQUEST_METHOD") != "POST":
             return self.flask_app(environ, start_response)
         try:
-            get = environ.get
-            reply = self.dataplane.invoke(
-                Invocation(
-                    body=self._body(environ),
-                    content_type=get("CONTENT_TYPE") or None,
-                    accept=get("HTTP_ACCEPT"),
-                    custom_attributes=get("HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"),
-                    target_model=get("HTTP_X_AMZN_SAGEMAKER_TARGET_MODEL"),
-                    inference_id=get("HTTP_X_AMZN_SAGEMAKER_INFERENCE_ID"),
-                    headers=EnvironHeaders(environ),
-                )
-            )
+            headers = EnvironHeaders(environ)
+            body = _read_limited(environ["wsgi.input"], self._length(environ), self.limit)
+            invocation = _invocation(body, headers, headers.get("X-Amzn-SageMaker-Target-Model"))
+            reply = self.dataplane.invoke(invocation)
             status, body, content_type = reply.status, reply.body, reply.content_type
-            headers = list(reply.headers.items())
-        except RecsqlError as exc:
-            if exc.status >= 500:
-                log.error("POST /invocations -> %d: %s", exc.status, exc)
-            status, body = exc.status, _one_line(str(exc)).encode()
-            content_type, headers = "text/plain; charset=utf-8", []
-        except Exception:
-            log.exception("POST /invocations failed")
-            status, content_type, headers = 500, "text/plain; charset=utf-8", []
-            body = b"internal server error (details are in the server log)\n"
+            response_headers = list(reply.headers.items())
+        except Exception as exc:
+            status, message = _failure(exc, "POST /invocations")
+            body, content_type, response_headers = message, "text/plain; charset=utf-8", []
         if isinstance(body, str):
             body = body.encode()
-        headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        response_headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        start_response(f"{status} {HTTPStatus(status).phrase}", response_headers)
         return [body]
 
-    def _body(self, environ: dict[str, Any]) -> bytes:
-        stream = environ["wsgi.input"]
+    @staticmethod
+    def _length(environ: dict[str, Any]) -> int | None:
         length = environ.get("CONTENT_LENGTH")
         try:
-            size = int(length) if length else None
+            return int(length) if length else None
         except ValueError:
             raise BadRequest(f"bad Content-Length {length!r}") from None
-        if size is not None and size > self.limit:
-            raise PayloadTooLarge(f"body of {size} bytes exceeds the {self.limit}-byte limit")
-        body = stream.read(self.limit + 1) if size is None else stream.read(size)
-        if len(body) > self.limit:
-            raise PayloadTooLarge(f"body exceeds the {self.limit}-byte limit")
-        return body
