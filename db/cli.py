@@ -90,20 +90,6 @@ def _duckdb(path: str) -> Any:
         raise BadRequest(f"cannot open DuckDB database {path}: {exc}") from exc
 
 
-def _print_table(columns: list[str], rows: list[tuple]) -> None:
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "NULL"
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    cells = [[fmt(v) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-
-
 # --------------------------------------------------------------------------- sql
 
 
@@ -233,7 +219,7 @@ def _install_aurora(args: argparse.Namespace, functions: list[Any]) -> int:
 
 
 def _run_query(args: argparse.Namespace) -> int:
-    from db.queries import run_example_query
+    from db.queries import print_table, run_example_query
 
     if bool(args.sql) == bool(args.example):
         raise BadRequest("give either SQL or --example NAME")
@@ -251,7 +237,7 @@ def _run_query(args: argparse.Namespace) -> int:
             columns, rows = _execute(args.engine, con, args.sql)
     finally:
         con.close()
-    _print_table(columns, rows)
+    print_table(columns, rows)
     return 0
 
 

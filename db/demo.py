@@ -27,7 +27,7 @@ from db.duckdb_udf import install_duckdb_functions
 from db.functions import DEFAULT_FUNCTIONS
 from db.http import Endpoints
 from db.load import load_events_duckdb, load_events_mysql, mysql_connect
-from db.queries import EXAMPLES, run_example_query
+from db.queries import EXAMPLES, print_table, run_example_query
 from db.score import ScoreOptions, score_duckdb
 from model.errors import RecsqlError
 
@@ -122,7 +122,7 @@ def _run_examples(engine: str, con: Any) -> None:
         params = {"user_id": user, "users": 5}
         print(f"\n-- {query.title}\n{query.literal(params)};")
         columns, rows = run_example_query(engine, con, name, params)
-        _print_table(columns, rows)
+        print_table(columns, rows)
 
 
 def _demo_user(engine: str, con: Any) -> int:
@@ -133,18 +133,6 @@ def _demo_user(engine: str, con: Any) -> int:
     with con.cursor() as cur:
         cur.execute(sql)
         return int(cur.fetchall()[0][0])
-
-
-def _print_table(columns: list[str], rows: list[tuple]) -> None:
-    def fmt(v: Any) -> str:
-        return "NULL" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    cells = [[fmt(v) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-    print(f"({len(rows)} rows)")
 
 
 def _recsql(*argv: str) -> None:

@@ -156,4 +156,20 @@ def _has_table(engine: str, connection: Any, table: str) -> bool:
         return bool(cur.fetchall()[0][0])
 
 
-__all__ = ["EXAMPLES", "ExampleQuery", "run_example_queries", "run_example_query"]
+def print_table(columns: list[str], rows: list[tuple]) -> None:
+    """A query result as an aligned text table, NULLs shown as NULL."""
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "NULL"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+__all__ = ["EXAMPLES", "ExampleQuery", "print_table", "run_example_queries", "run_example_query"]
