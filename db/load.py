@@ -24,7 +24,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -67,9 +67,6 @@ class LoadStats:
     @property
     def rows_per_s(self) -> float:
         return self.rows_read / self.seconds if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rows_per_s": round(self.rows_per_s)}
 
     def summary(self) -> str:
         return (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +61,6 @@ class ServeConfig:
             raise RecsqlError(f"workers must be >= 1, not {self.workers}")
         if self.max_payload_bytes < 1:
             raise RecsqlError("the payload limit must be positive")
-
-    def with_changes(self, **changes: Any) -> ServeConfig:
-        return replace(self, **changes)
 
 
 def _flag(value: str | None) -> bool:
