@@ -70,12 +70,22 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
-COPY README.md recsql_cli.py ./
+COPY README.md recsql_cli.py setup.py ./
 COPY model/ model/
 COPY training/ training/
 COPY serve/ serve/
 COPY db/ db/
-RUN pip install --no-cache-dir --no-deps . && recsql --help > /dev/null
+# model/_native.c (tabular CSV decoding, tree walking, score formatting) is compiled
+# here and the compiler leaves in the same layer. The sources go too, so that every
+# import, from any directory, is of the installed package with its built kernels.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir --no-deps . \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* build model training serve db recsql_cli.py setup.py \
+    && python -c "from model.native import library; library()" \
+    && recsql --help > /dev/null
 
 # A fixed uid/gid so volumes can be prepared for it (docker-compose.yml uses it).
 # /opt/ml is SageMaker's tree; created here so the image also runs outside SageMaker.

@@ -10,7 +10,7 @@ install: $(STAMP)
 
 # torch first and pinned: this machine kind has the 2.13.0 CPU wheel locally; letting a
 # range resolve it pulls several GB of CUDA packages.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py model/_native.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'

@@ -34,6 +34,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import repeat
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +43,7 @@ import numpy as np
 
 from model.artifact import LOADERS, write_manifest
 from model.errors import ArtifactError, BadRequest
+from model.native import CsvEncoder, Forest
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,6 @@ class Column:
     categories: list[str] | None = None
     offset: int = 0  # first encoded column
     index: dict[str, int] = field(default_factory=dict, repr=False)  # category -> encoded col
-    # The vocabulary sorted, and each entry's encoded column: str arrays are looked up with
-    # one searchsorted (C-level) instead of a dict probe per value.
-    sorted_categories: np.ndarray = field(default_factory=lambda: np.empty(0, str), repr=False)
-    sorted_targets: np.ndarray = field(default_factory=lambda: np.empty(0, np.intp), repr=False)
 
     @property
     def width(self) -> int:
@@ -97,9 +95,6 @@ class Encoder:
                 col.index = {cat: offset + i for i, cat in enumerate(col.categories)}
                 if len(col.index) != len(col.categories):
                     raise ArtifactError(f"column {col.name!r}: duplicate categories")
-                order = sorted(col.index)
-                col.sorted_categories = np.array(order, dtype=str)
-                col.sorted_targets = np.array([col.index[c] for c in order], np.intp)
             offset += col.width
         self.width = offset
 
@@ -179,7 +174,8 @@ class Encoder:
                 raise BadRequest("feature columns have different lengths")
             if col.categories is None:
                 numbers, good = self._numeric(values)
-                matrix[:, col.offset] = numbers
+                with np.errstate(over="ignore"):  # beyond float32: inf, as in C
+                    matrix[:, col.offset] = numbers
                 ok &= good
             else:
                 target = self._lookup(col, values)
@@ -190,10 +186,6 @@ class Encoder:
     def _numeric(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         arr = np.asarray(values)
         n = len(arr)
-        if arr.dtype.kind == "U":
-            ints = _parse_ints(arr)
-            if ints is not None:
-                return ints, np.ones(n, bool)
         try:  # fast path: every value is a number or a number's text
             return arr.astype(np.float64), np.ones(n, bool)
         except (ValueError, TypeError):
@@ -214,53 +206,28 @@ class Encoder:
         return out, good
 
     def _lookup(self, col: Column, values: np.ndarray) -> np.ndarray:
-        """Encoded column of each value (-1 unseen/missing): one C-level dict pass,
-        or for a numpy str array (the server's CSV decoder) a sorted-array search."""
-        n = len(values)
-        if isinstance(values, np.ndarray) and values.dtype.kind == "U":
-            return _search(col, values)
-        target = np.fromiter(map(col.index.get, values, repeat(-1)), np.intp, n)
-        miss = np.flatnonzero(target < 0)
-        if len(miss) and not (isinstance(values, np.ndarray) and values.dtype.kind == "U"):
-            for i in miss.tolist():  # JSON numbers for a categorical column: compare as text
-                value = values[i]
-                if not isinstance(value, str) and value is not None:
-                    target[i] = col.index.get(_as_text(value), -1)
+        """Encoded column of each value (-1 unseen/missing): one C-level dict pass."""
+        target = np.fromiter(map(col.index.get, values, repeat(-1)), np.intp, len(values))
+        for i in np.flatnonzero(target < 0).tolist():
+            value = values[i]  # JSON numbers for a categorical column: compare as text
+            if not isinstance(value, str) and value is not None:
+                target[i] = col.index.get(_as_text(value), -1)
         return target
 
+    @cached_property
+    def _csv(self) -> CsvEncoder:
+        columns = [(c.offset, c.categories) for c in self.columns]
+        return CsvEncoder(columns, self.missing, self.width)
 
-def _parse_ints(arr: np.ndarray) -> np.ndarray | None:
-    """A str array of plain integers (`-?[0-9]+`, up to 18 chars) -> float64, parsed
-    digit-column by digit-column; None for anything else (numpy's str->float then
-    parses it, about 10x slower). Same values as float(text), -0 included."""
-    width = arr.dtype.itemsize // 4
-    if len(arr) == 0 or not 1 <= width <= 18:
-        return None
-    codes = np.ascontiguousarray(arr).view(np.uint32).reshape(len(arr), width)
-    lengths = np.count_nonzero(codes, axis=1)
-    position = np.arange(width)
-    inside = position < lengths[:, None]
-    negative = codes[:, 0] == 45  # "-"
-    digits = codes.astype(np.int64) - 48
-    is_digit = (digits >= 0) & (digits <= 9)
-    valid = np.where(inside, is_digit | ((position == 0) & negative[:, None]), codes == 0)
-    if not valid.all() or (lengths <= negative).any():  # a stray char, "" or a lone "-"
-        return None
-    value = np.zeros(len(arr), np.int64)
-    digits = np.where(is_digit, digits, 0)
-    for k in range(width):
-        value = np.where(inside[:, k], value * 10 + digits[:, k], value)
-    out = value.astype(np.float64)
-    np.negative(out, out=out, where=negative)
-    return out
+    def encode_csv(self, body: bytes, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Header-less CSV records (features in column order) -> (matrix, deferred), in C.
 
-
-def _search(col: Column, values: np.ndarray) -> np.ndarray:
-    vocab = col.sorted_categories
-    if len(vocab) == 0:
-        return np.full(len(values), -1, np.intp)
-    pos = np.minimum(np.searchsorted(vocab, values), len(vocab) - 1)
-    return np.where(vocab[pos] == values, col.sorted_targets[pos], -1)
+        A deferred row is zero: its record needs the general path (`encode` on
+        the fields a CSV parser reads from it), because it is quoted, not ASCII,
+        has the wrong number of fields, or holds a numeric field that is not a
+        plain decimal number or a missing token (" 5", "inf", "abc").
+        """
+        return self._csv.encode(body, n_rows)
 
 
 def _as_text(value: Any) -> str:
@@ -295,16 +262,23 @@ class Predictor(Protocol):
 
 
 class XGBoostPredictor:
+    """Scores with model/native.py's Forest, the same trees walked about twice as fast
+    as XGBoost's own one-thread predictor; models it cannot lay out (categorical
+    splits, multi-output, dart) or that fail its check stay with XGBoost."""
+
     family = "xgboost"
 
     def __init__(self, booster: Any, threads: int = 1) -> None:
         booster.set_param({"nthread": threads})
         self.booster = booster
         self.num_features = int(booster.num_features())
+        self.forest = _checked_forest(booster)
 
     def predict(self, matrix: np.ndarray) -> np.ndarray:
         if len(matrix) == 0:
             return np.empty(0, np.float64)
+        if self.forest is not None:
+            return self.forest.predict(matrix)
         return np.asarray(self.booster.inplace_predict(matrix), np.float64)
 
     def save(self, model_dir: Path) -> str:
@@ -316,6 +290,20 @@ class XGBoostPredictor:
         import xgboost as xgb
 
         return cls(xgb.Booster(model_file=str(path)))
+
+
+def _checked_forest(booster: Any) -> Forest | None:
+    """The booster's Forest, if it reproduces XGBoost on rows that take every branch."""
+    forest = Forest.from_xgboost(booster)
+    if forest is None:
+        return None
+    probe = forest.probe()
+    expected = np.asarray(booster.inplace_predict(probe), np.float64)
+    gap = float(np.max(np.abs(forest.predict(probe) - expected), initial=0.0))
+    if not gap <= 1e-5:
+        log.warning("native tree layout differs from XGBoost by %.3g; using XGBoost's", gap)
+        return None
+    return forest
 
 
 class LightGBMPredictor:
@@ -432,7 +420,10 @@ class TabularModel:
 
     def predict_columns(self, columns: Sequence[np.ndarray]) -> np.ndarray:
         """float64 P(positive) per row; NaN where a row cannot be encoded."""
-        matrix, ok = self.encoder.encode(columns)
+        return self.predict_encoded(*self.encoder.encode(columns))
+
+    def predict_encoded(self, matrix: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """P(positive) per row of an encoded matrix; NaN where `ok` is False."""
         probs = self.predictor.predict(matrix)
         if not ok.all():
             probs[~ok] = np.nan

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from model.errors import BadRequest, NotAcceptable, UnsupportedContentType
+from model.native import format_scores
 from serve.records import (
     BAD,
     ColumnTable,
@@ -134,13 +135,6 @@ def _numbers(values: np.ndarray, null: str) -> list[str]:
     return [f"{v:.7g}" if ok else null for v, ok in pairs]
 
 
-def _joined(values: np.ndarray, sep: str, null: str) -> str:
-    """Scores joined by `sep` (one %-format call for the common all-finite case)."""
-    if len(values) and np.isfinite(values).all():
-        return ((f"%.7g{sep}" * len(values)) % tuple(values.tolist()))[: -len(sep)]
-    return sep.join(_numbers(values, null))
-
-
 def _lines(items: list[str]) -> bytes:
     return ("\n".join(items) + "\n").encode() if items else b""
 
@@ -176,7 +170,7 @@ def encode_csv(prediction: Prediction) -> bytes:
     if isinstance(prediction, Scores) and prediction.labels is not None:
         return _lines(_labelled(prediction, csv=True))
     if isinstance(prediction, Scores):
-        return (_joined(prediction.values, "\n", "") + "\n").encode() if len(prediction) else b""
+        return format_scores(prediction.values, b"\n", b"")
     # One line per user: the product ids, best first, separated by spaces
     # (a CSV line whose first field is the whole list, e.g. for a VARCHAR result).
     return _lines([" ".join(map(str, ids.tolist())) for ids in prediction.product_ids])
@@ -186,7 +180,7 @@ def encode_json(prediction: Prediction) -> bytes:
     if isinstance(prediction, Scores) and prediction.labels is not None:
         items = ",".join(_labelled(prediction, csv=False))
     elif isinstance(prediction, Scores):
-        items = _joined(prediction.values, ",", "null")
+        return b'{"predictions":[' + format_scores(prediction.values, b",", b"null")[:-1] + b"]}"
     else:
         items = ",".join(_ranking_dict(prediction, i) for i in range(len(prediction)))
     return ('{"predictions":[' + items + "]}").encode()
@@ -196,9 +190,7 @@ def encode_jsonlines(prediction: Prediction) -> bytes:
     if isinstance(prediction, Scores) and prediction.labels is not None:
         return _lines(_labelled(prediction, csv=False))
     if isinstance(prediction, Scores):
-        return (
-            (_joined(prediction.values, "\n", "null") + "\n").encode() if len(prediction) else b""
-        )
+        return format_scores(prediction.values, b"\n", b"null")
     return _lines([_ranking_dict(prediction, i) for i in range(len(prediction.product_ids))])
 
 

@@ -8,9 +8,7 @@
 adapter that makes it servable. This dict is the one seam for a new model
 kind: write `class XModel(ServableModel)` here (or in its own module that
 registers itself) and add `ADAPTERS["x"] = XModel`; tests/serve/contract.py
-then runs the shared contract tests against it. A tabular adapter would read
-its columns with `payload.table.values(model.feature_names)`, call
-`predict_columns`, and return `Scores` with NaN for rows it cannot score.
+then runs the shared contract tests against it.
 
 User scripts (`code/inference.py`) are the other route in: see serve/scripts.py.
 """
@@ -28,7 +26,7 @@ import numpy as np
 from model import load_model
 from model.errors import ArtifactError, BadRequest
 from model.recommender import Recommender
-from serve.records import Payload, Prediction, Rankings, Scores
+from serve.records import CsvTable, Payload, Prediction, Rankings, Scores
 
 MAX_TOP_K = 1000
 LABEL_THRESHOLD = 0.5  # P(positive) >= this -> classes[1], as training's accuracy counts it
@@ -168,14 +166,30 @@ class TabularServable(ServableModel):
         self.model = model
 
     def predict(self, payload: Payload, options: Options) -> Prediction:
-        columns, ok = payload.table.values(self.model.feature_names)
-        scores = self.model.predict_columns(columns)
-        if not ok.all():
-            scores[~ok] = np.nan  # unreadable records were filled with "" placeholders
-        result = Scores(scores, _counts(ok, scores, None))
+        table = payload.table
+        if isinstance(table, CsvTable):
+            matrix, readable, encoded = self.encode_csv(table)
+        else:
+            columns, readable = table.values(self.model.feature_names)
+            matrix, encoded = self.model.encoder.encode(columns)
+        # Unreadable records were filled with "" placeholders: never scored.
+        scores = self.model.predict_encoded(matrix, readable & encoded)
+        result = Scores(scores, _counts(readable, scores, None))
         if options.output == "label":
             result.labels = self.labels(scores)
         return result
+
+    def encode_csv(self, table: CsvTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Feature matrix, readable and encoded masks of a CSV body: plain records are
+        decoded in C, the deferred rest (quoted, non-ASCII, malformed) by CsvTable.values."""
+        encoder = self.model.encoder
+        matrix, deferred = encoder.encode_csv(table.body, table.n_rows)
+        readable, encoded = np.ones(table.n_rows, bool), np.ones(table.n_rows, bool)
+        rows = np.flatnonzero(deferred)
+        if len(rows):
+            columns, readable[rows] = table.subset(rows).values(self.model.feature_names)
+            matrix[rows], encoded[rows] = encoder.encode(columns)
+        return matrix, readable, encoded
 
     def labels(self, scores: np.ndarray) -> list[str | None]:
         """classes[1] where P >= LABEL_THRESHOLD, classes[0] below, None without a score."""

@@ -17,6 +17,7 @@ import csv
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,6 @@ from model.errors import BadRequest
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _INT_FAST_CHARS = b"0123456789-+,\n"  # a body of only these takes the vectorised path
-_BULK_MIN_ROWS = 256  # below this the per-line path is faster (fewer numpy calls)
 BAD = object()  # a record that could not be decoded at all (e.g. a bad JSON line)
 
 
@@ -39,6 +39,11 @@ def split_records(body: bytes) -> list[bytes]:
     if lines[-1] == b"":
         lines.pop()
     return lines
+
+
+def count_records(body: bytes) -> int:
+    """len(split_records(body)), without splitting."""
+    return body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0)
 
 
 def to_int(value: Any) -> int | None:
@@ -112,9 +117,20 @@ class CsvTable(Table):
     re-aligned: guessing which field was extra is how columns shift.
     """
 
-    def __init__(self, body: bytes) -> None:
-        self.lines = split_records(body)
-        self.n_rows = len(self.lines)
+    def __init__(self, body: bytes, lines: list[bytes] | None = None) -> None:
+        self.body = body
+        if lines is not None:
+            self.lines = lines
+        self.n_rows = len(lines) if lines is not None else count_records(body)
+
+    @cached_property
+    def lines(self) -> list[bytes]:
+        return split_records(self.body)
+
+    def subset(self, rows: Sequence[int]) -> CsvTable:
+        """The records at `rows`, in that order, as a table of their own."""
+        lines = self.lines
+        return CsvTable(b"", [lines[i] for i in rows])
 
     def ints(self, names: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
         width = len(names)
@@ -160,10 +176,9 @@ class CsvTable(Table):
         return [flat[j::width] for j in range(width)], np.ones(n, bool)
 
     def values(self, names: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Per record: the tabular model's compiled decoder (model/native.py) reads the
+        plain ones straight from the body, and hands the rest to this path."""
         width = len(names)
-        fast = self._values_fast(width)
-        if fast is not None:
-            return fast
         columns = [np.full(self.n_rows, "", dtype=object) for _ in range(width)]
         ok = np.zeros(self.n_rows, bool)
         for row, line in enumerate(self.lines):
@@ -174,41 +189,6 @@ class CsvTable(Table):
                 column[row] = value.decode("utf-8", errors="replace")
             ok[row] = True
         return columns, ok
-
-    def _values_fast(self, width: int) -> tuple[list[np.ndarray], np.ndarray] | None:
-        """ASCII, no quotes, every line `width` fields: cut the fields out of the body
-        with array operations into numpy str columns (no Python object per field; the
-        tabular encoder then looks categories up with searchsorted)."""
-        n = self.n_rows
-        if n < _BULK_MIN_ROWS:
-            return None
-        text = b"\n".join(self.lines) + b"\n"
-        # Quotes need the CSV parser; numpy str arrays drop trailing NULs; non-ASCII
-        # needs UTF-8 decoding: those bodies take the per-line path.
-        if b'"' in text or b"\0" in text or not text.isascii():
-            return None
-        if text.count(b",") != n * (width - 1):
-            return None
-        buf = np.frombuffer(text, np.uint8)
-        ends = np.flatnonzero((buf == 44) | (buf == 10)).reshape(n, width)
-        if (buf[ends[:, -1]] != 10).any():  # a line with too few or too many fields
-            return None
-        starts = np.empty_like(ends)
-        starts.reshape(-1)[0] = 0
-        starts.reshape(-1)[1:] = ends.reshape(-1)[:-1] + 1
-        lengths = ends - starts
-        codes = buf.astype(np.uint32)
-        columns = []
-        for j in range(width):
-            longest = int(lengths[:, j].max())
-            # One long field would make every entry of a fixed-width array long.
-            if longest * n > 4 * int(lengths[:, j].sum()) + 4096:
-                return None
-            offsets = np.arange(max(longest, 1))
-            index = np.minimum(starts[:, j, None] + offsets, len(buf) - 1)
-            chars = np.where(offsets < lengths[:, j, None], codes[index], 0)
-            columns.append(chars.view(f"U{max(longest, 1)}").ravel())  # UCS-4 = ASCII codes
-        return columns, np.ones(n, bool)
 
 
 def _split_line(line: bytes) -> list[bytes] | None:

@@ -10,11 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model import load_model
 from serve import codecs
 from serve.config import ServeConfig
 from serve.handlers import Invocation
+from serve.models import TabularServable
+from serve.records import CsvTable
 from serve.server import build_dataplane
 from tests.serve.conftest import make_artifact, running
 from training.tabular import TabularConfig, read_table, train_tabular
@@ -231,27 +235,48 @@ def test_env_default_and_per_request_override_over_http(tmp_path, bank_dir, labe
 # ---------------------------------------------------------------- CSV fast path
 
 
-def test_bulk_csv_decoding_scores_exactly_like_row_by_row(dataplane, bank_dir, label_rows):
-    """Plain ASCII bodies are cut into numpy str columns (integers parsed digit-wise,
-    categories found by searchsorted); the answers must equal the per-row path's."""
+def test_csv_bodies_score_exactly_like_row_by_row(dataplane, bank_dir, label_rows):
+    """Plain records are decoded in C (model/native.py), the rest record by record;
+    either way the answers equal predict_rows, bit for bit, in place."""
     model = load_model(bank_dir)
-    rows = [list(r) for r in label_rows * 3]  # 300 rows: bulk decoding starts at 256
-    edits = {0: "-0", 5: "-1234", 11: "3.5", 12: "", 13: "NA", 17: "1e3", 19: " 7"}
+    rows = [list(r) for r in label_rows * 3]
+    edits = {0: "-0", 5: "-1234", 11: "3.5", 12: "", 13: "NA", 17: "1e3", 19: " 7", 24: "inf"}
     for i, value in edits.items():
         rows[i][5] = value  # balance: a numeric column
     rows[20][1], rows[21][1], rows[22][3] = "astronaut", "admin", "tertiary "  # unseen
     rows[23][0] = "forty"  # not a number: no score
-    want = model.predict_rows(rows)
-    columns, ok = codecs.decode(csv_body(rows), "text/csv").table.values(model.feature_names)
-    assert ok.all() and {c.dtype.kind for c in columns} == {"U"}  # the bulk path was taken
+    rows[25][1], rows[26][1] = "a,b", "café"  # quoted, non-ASCII: the per-record path
+    rows[27] = rows[27][:-1]  # too few fields: malformed
+    want = model.predict_rows([r if len(r) == 16 else [""] * 16 for r in rows])
+    want[27] = np.nan
     reply = dataplane.invoke(Invocation(csv_body(rows), "text/csv"))
-    np.testing.assert_array_equal(
-        floats(reply.body.decode().splitlines()),
-        floats([f"{p:.7g}" if p == p else "" for p in want]),
-    )
-    np.testing.assert_array_equal(model.predict_columns(columns), want)  # bit for bit
-    long_field = [list(r) for r in rows]
-    long_field[0][1] = "x" * 5000  # one long field: the per-row path, same answers
-    columns, ok = codecs.decode(csv_body(long_field), "text/csv").table.values(model.feature_names)
-    assert columns[1].dtype == object
-    np.testing.assert_array_equal(model.predict_columns(columns), model.predict_rows(long_field))
+    got = floats(reply.body.decode().split("\n")[:-1])
+    np.testing.assert_array_equal(got, floats([f"{p:.7g}" if p == p else "" for p in want]))
+    assert reply.headers["X-Recsql-Malformed-Rows"] == "1"
+    assert reply.headers["X-Recsql-Null-Rows"] == "2"  # forty, and the short record
+    table = codecs.decode(csv_body(rows), "text/csv").table
+    matrix, readable, encoded = TabularServable(model).encode_csv(table)
+    np.testing.assert_array_equal(model.predict_encoded(matrix, readable & encoded), want)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_any_csv_body_encodes_like_the_general_path(bank_dir, label_rows, data):
+    """Records mixed from real rows, edited fields and raw bytes: the C decoder plus its
+    deferred records give exactly the general path's matrix and masks."""
+    model = load_model(bank_dir)
+    chosen = data.draw(st.lists(st.sampled_from(label_rows), max_size=30))
+    rows = [list(r) for r in chosen]
+    tricky = st.sampled_from(["", "NA", "-0", " 1", "1e400", "x", '"', "é", "1,2", "\r", "0.5"])
+    for row in rows:
+        if data.draw(st.booleans()):
+            row[data.draw(st.integers(0, 15))] = data.draw(tricky)
+    body = csv_body(rows) + data.draw(st.sampled_from([b"", b"\n", b"1,2\n", b"\r\n"]))
+    table = codecs.decode(body, "text/csv").table
+    matrix, readable, encoded = TabularServable(model).encode_csv(table)
+    columns, want_readable = CsvTable(body).values(model.feature_names)
+    want_matrix, want_encoded = model.encoder.encode(columns)
+    np.testing.assert_array_equal(readable, want_readable)
+    ok = readable & want_readable
+    np.testing.assert_array_equal(encoded[ok], want_encoded[ok])
+    np.testing.assert_array_equal(matrix[ok], want_matrix[ok])
