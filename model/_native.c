@@ -2,7 +2,8 @@
  * model/native.py (which checks every array it passes):
  *
  *   recsql_csv_encode      a header-less CSV body -> the model's float32 feature
- *                          matrix, in one pass over the bytes
+ *                          matrix, in one pass over the bytes (and
+ *                          recsql_count_records, its record count)
  *   recsql_forest_predict  a tree ensemble laid out as perfect binary trees,
  *                          evaluated level by level over blocks of rows
  *   recsql_format_scores   scores -> "%.7g" text, the reply bodies' numbers
@@ -117,6 +118,14 @@ static inline int32_t find_token(const Tokens *tk, int32_t col, const uint8_t *s
             if (k == n) return t;
         }
     }
+}
+
+/* How many records `body` holds, by the rule below (memchr: many bytes a cycle). */
+int64_t recsql_count_records(const uint8_t *body, int64_t length) {
+    int64_t count = 0;
+    const uint8_t *p = body, *end = body + length;
+    while (p < end && (p = memchr(p, '\n', (size_t)(end - p))) != NULL) p++, count++;
+    return count + (length > 0 && body[length - 1] != '\n');
 }
 
 /* Encodes the records of `body` into `matrix` (n_rows x width, zeroed by the

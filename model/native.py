@@ -52,6 +52,8 @@ def library() -> ctypes.CDLL:
         raise ArtifactError(f"{path} is a stale build of model/_native.c; reinstall recsql")
     lib.recsql_csv_encode.restype = _I64
     lib.recsql_csv_encode.argtypes = [_P, _I64, _I64, _I32] + [_P] * 8 + [_I32, _P, _P]
+    lib.recsql_count_records.restype = _I64
+    lib.recsql_count_records.argtypes = [_P, _I64]
     lib.recsql_format_scores.restype = _I64
     lib.recsql_format_scores.argtypes = [_P, _I64, ctypes.c_char, ctypes.c_char_p, _I64, _P]
     lib.recsql_forest_predict.restype = None
@@ -61,6 +63,13 @@ def library() -> ctypes.CDLL:
 
 def _ptr(array: np.ndarray) -> int:
     return array.ctypes.data
+
+
+def count_records(body: bytes) -> int:
+    """The number of CSV/JSON-lines records in `body`: its lines, split on "\\n", a
+    final newline not starting another one (serve/records.py's rule)."""
+    body = bytes(body)
+    return int(library().recsql_count_records(body, len(body)))
 
 
 def format_scores(values: np.ndarray, sep: bytes, null: bytes) -> bytes:
@@ -127,6 +136,20 @@ class CsvEncoder:
         for index in (self.numeric_column, self.token_target):
             if len(index) and not (0 <= index.min() and index.max() < max(width, 1)):
                 raise ArtifactError("tabular encoding: a column offset lies outside the matrix")
+        # Addresses taken once: the arrays live as long as self.
+        self._tables = [
+            _ptr(a)
+            for a in (
+                self.categorical,
+                self.numeric_column,
+                self.slot_start,
+                self.slot_mask,
+                self.slots,
+                self.token_bytes,
+                self.token_text,
+                self.token_target,
+            )
+        ]
 
     def encode(self, body: bytes, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(matrix, deferred): `n_rows` must be the body's record count."""
@@ -138,14 +161,7 @@ class CsvEncoder:
             len(body),
             n_rows,
             self.n_cols,
-            _ptr(self.categorical),
-            _ptr(self.numeric_column),
-            _ptr(self.slot_start),
-            _ptr(self.slot_mask),
-            _ptr(self.slots),
-            _ptr(self.token_bytes),
-            _ptr(self.token_text),
-            _ptr(self.token_target),
+            *self._tables,
             self.width,
             _ptr(matrix),
             _ptr(deferred),
@@ -217,6 +233,18 @@ class Forest:
         self.leaf_value = _joined(leaves, np.float32)
         if len(self.feature) and not (0 <= self.feature.min() and self.feature.max() < width):
             raise ArtifactError("XGBoost model: a split uses a feature outside the input width")
+        self._tables = [
+            _ptr(a)
+            for a in (
+                self.depth,
+                self.node_offset,
+                self.leaf_offset,
+                self.feature,
+                self.threshold,
+                self.default_left,
+                self.leaf_value,
+            )
+        ]
 
     @classmethod
     def from_xgboost(cls, booster: Any) -> Forest | None:
@@ -241,6 +269,8 @@ class Forest:
             return None
         base = float(str(params["base_score"]).strip("[]"))
         transform = _TRANSFORMS[objective]
+        if transform == 1 and not 0.0 < base < 1.0:
+            return None  # no finite margin: leave the edge case to XGBoost
         margin = math.log(base / (1.0 - base)) if transform == 1 else base
         return cls(trees, margin, transform, int(params["num_feature"]))
 
@@ -254,13 +284,7 @@ class Forest:
             len(x),
             self.width,
             len(self.depth),
-            _ptr(self.depth),
-            _ptr(self.node_offset),
-            _ptr(self.leaf_offset),
-            _ptr(self.feature),
-            _ptr(self.threshold),
-            _ptr(self.default_left),
-            _ptr(self.leaf_value),
+            *self._tables,
             self.bias,
             self.transform,
             _ptr(out),

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from model.errors import BadRequest
+from model.native import count_records
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _INT_FAST_CHARS = b"0123456789-+,\n"  # a body of only these takes the vectorised path
@@ -39,11 +40,6 @@ def split_records(body: bytes) -> list[bytes]:
     if lines[-1] == b"":
         lines.pop()
     return lines
-
-
-def count_records(body: bytes) -> int:
-    """len(split_records(body)), without splitting."""
-    return body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0)
 
 
 def to_int(value: Any) -> int | None:

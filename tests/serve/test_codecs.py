@@ -31,6 +31,7 @@ PAIR = ("user_id", "product_id")
 )
 def test_split_records(body: bytes, records: list[bytes]) -> None:
     assert split_records(body) == records
+    assert CsvTable(body).n_rows == len(records)  # counted in C, without splitting
 
 
 @pytest.mark.parametrize(
@@ -82,6 +83,7 @@ def test_csv_ints_round_trip(pairs: list[list[int]]) -> None:
 @given(st.binary(max_size=200))
 def test_any_csv_bytes_give_one_output_per_record(body: bytes) -> None:
     table = CsvTable(body)
+    assert table.n_rows == len(split_records(body))
     (u, p), ok = table.ints(PAIR)
     assert len(u) == len(p) == len(ok) == len(split_records(body))
     columns, ok = table.values(PAIR)
