@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from model import native
 from model.native import Forest
 from model.tabular import MISSING_TOKENS, Column, Encoder, XGBoostPredictor
-from serve.records import CsvTable
+from serve.records import CsvTable, split_records
 
 JOBS = ["admin.", "blue-collar", "student", "", "unknown", "x"]
 ENCODER = Encoder(
@@ -122,6 +122,13 @@ def test_record_count_follows_the_line_rules():
         assert matrix.shape == (n, ENCODER.width)
     with pytest.raises(ValueError, match="holds 2 records, not 3"):
         ENCODER.encode_csv(b"1,x,2,may\n1,x,2,may\n", 3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from([b"\n", b"\r\n", b"\r", b"1,2", b"x" * 3000]), max_size=40))
+def test_record_counts_of_long_bodies_follow_split_records(parts):
+    body = b"".join(parts)
+    assert native.count_records(body) == len(split_records(body))
 
 
 field = st.one_of(
