@@ -274,6 +274,11 @@ class XGBoostPredictor:
         self.num_features = int(booster.num_features())
         self.forest = _checked_forest(booster)
 
+    @property
+    def scorer(self) -> str:
+        """What walks the trees: "recsql-forest" (model/native.py) or "xgboost"."""
+        return "recsql-forest" if self.forest is not None else "xgboost"
+
     def predict(self, matrix: np.ndarray) -> np.ndarray:
         if len(matrix) == 0:
             return np.empty(0, np.float64)
@@ -442,6 +447,7 @@ class TabularModel:
         return {
             "kind": self.kind,
             "family": self.family,
+            "scorer": getattr(self.predictor, "scorer", self.family),
             "inputs": self.feature_names,
             "label": self.label,
             "classes": self.classes,

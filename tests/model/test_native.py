@@ -199,7 +199,7 @@ def test_models_the_kernel_does_not_do_stay_with_xgboost(monkeypatch):
     monkeypatch.setattr(native, "MAX_DEPTH", 4)  # 2^depth leaves per tree: deep ones stay
     assert Forest.from_xgboost(booster(5)) is None
     predictor = XGBoostPredictor(booster(3, "reg:squarederror"))
-    assert predictor.forest is None
+    assert predictor.forest is None and predictor.scorer == "xgboost"
     x = rows_for(predictor.booster)
     np.testing.assert_array_equal(predictor.predict(x), predictor.booster.inplace_predict(x))
 
@@ -215,7 +215,7 @@ def test_categorical_splits_stay_with_xgboost():
 
 def test_xgboost_predictor_uses_the_forest_and_checks_it():
     predictor = XGBoostPredictor(booster(5))
-    assert predictor.forest is not None
+    assert predictor.forest is not None and predictor.scorer == "recsql-forest"
     x = rows_for(predictor.booster)
     np.testing.assert_allclose(
         predictor.predict(x), predictor.booster.inplace_predict(x), atol=2e-6
@@ -254,3 +254,12 @@ def test_scores_format_as_python_does_near_every_rounding_edge():
     for values in (probabilities, scores, near, -near, probabilities.astype(np.float32)):
         values = np.asarray(values, np.float64)
         assert native.format_scores(values, b"\n", b"") == python_format(values, "\n", "")
+
+
+def test_a_forest_that_disagrees_with_xgboost_is_not_used(monkeypatch, caplog):
+    monkeypatch.setattr(Forest, "predict", lambda self, x: np.full(len(x), 0.5))
+    predictor = XGBoostPredictor(booster(5))
+    assert predictor.forest is None and predictor.scorer == "xgboost"
+    assert "differs from XGBoost" in caplog.text
+    x = rows_for(predictor.booster)
+    np.testing.assert_array_equal(predictor.predict(x), predictor.booster.inplace_predict(x))
