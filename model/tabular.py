@@ -505,6 +505,7 @@ def _load_tabular(model_dir: Path, manifest: dict[str, Any]) -> TabularModel:
     encoder = Encoder.from_json(manifest.get("encoding") or {})
     if list(manifest.get("feature_names", [])) != encoder.feature_names:
         raise ArtifactError(f"{model_dir}: feature_names do not match the encoding's columns")
+    encoder.encode_csv(b"", 0)  # builds the C decoder now: a missing build fails the load
     try:
         predictor = _PREDICTORS[family].load(path)
     except ArtifactError:

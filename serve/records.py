@@ -114,6 +114,7 @@ class CsvTable(Table):
     """
 
     def __init__(self, body: bytes, lines: list[bytes] | None = None) -> None:
+        """A body, split into lines on first use; or, from `subset`, the lines themselves."""
         self.body = body
         if lines is not None:
             self.lines = lines

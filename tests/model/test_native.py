@@ -263,3 +263,11 @@ def test_a_forest_that_disagrees_with_xgboost_is_not_used(monkeypatch, caplog):
     assert "differs from XGBoost" in caplog.text
     x = rows_for(predictor.booster)
     np.testing.assert_array_equal(predictor.predict(x), predictor.booster.inplace_predict(x))
+
+
+def test_a_missing_build_is_a_clear_load_error(monkeypatch):
+    from model.errors import ArtifactError
+
+    monkeypatch.setattr(native.importlib.machinery, "EXTENSION_SUFFIXES", [".absent.so"])
+    with pytest.raises(ArtifactError, match=r"not built; reinstall recsql"):
+        native.library.__wrapped__()  # the uncached loader
