@@ -29,6 +29,9 @@ CONNECTION_ERRORS = {
     "ConnectionResetError",
     "RemoteDisconnected",
     "BrokenPipeError",
+    # Killed between a reply's headers and its body: the client sees the reply is
+    # short (Content-Length), so it is a lost request, not a wrong answer.
+    "IncompleteRead",
 }
 
 
