@@ -4,8 +4,8 @@
     Forest         an XGBoost tree ensemble as perfect binary trees, scored in C
     format_scores  scores -> "%.7g" text for reply bodies, as Python formats them
 
-Both are built at install time (setup.py) and loaded on first use, so a missing
-build fails a tabular model load with a message, not `import model`. C trusts
+The kernels are built at install time (setup.py) and loaded on first use, so a
+missing build fails a tabular model load with a message, not `import model`. C trusts
 its arguments: every array it gets is made here, with its dtype, layout and
 size fixed, and the indices inside (feature numbers, one-hot targets) checked
 against the matrix width first.
@@ -63,6 +63,11 @@ def library() -> ctypes.CDLL:
 
 def _ptr(array: np.ndarray) -> int:
     return array.ctypes.data
+
+
+def _addresses(*arrays: np.ndarray) -> list[int]:
+    """The arrays' addresses, taken once: the caller keeps the arrays alive."""
+    return [_ptr(a) for a in arrays]
 
 
 def count_records(body: bytes) -> int:
@@ -138,20 +143,16 @@ class CsvEncoder:
         for index in (self.numeric_column, self.token_target):
             if len(index) and not (0 <= index.min() and index.max() < max(width, 1)):
                 raise ArtifactError("tabular encoding: a column offset lies outside the matrix")
-        # Addresses taken once: the arrays live as long as self.
-        self._tables = [
-            _ptr(a)
-            for a in (
-                self.categorical,
-                self.numeric_column,
-                self.slot_start,
-                self.slot_mask,
-                self.slots,
-                self.token_bytes,
-                self.token_text,
-                self.token_target,
-            )
-        ]
+        self._tables = _addresses(
+            self.categorical,
+            self.numeric_column,
+            self.slot_start,
+            self.slot_mask,
+            self.slots,
+            self.token_bytes,
+            self.token_text,
+            self.token_target,
+        )
 
     def encode(self, body: bytes, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(matrix, deferred): `n_rows` must be the body's record count."""
@@ -211,10 +212,16 @@ class Forest:
     Single-leaf trees are constants and go into the bias.
     """
 
-    def __init__(self, trees: list[dict[str, Any]], bias: float, transform: int, width: int):
+    def __init__(
+        self,
+        trees: list[dict[str, Any]],
+        tree_depths: list[int],
+        bias: float,
+        transform: int,
+        width: int,
+    ):
         depths, features, thresholds, defaults, leaves = [], [], [], [], []
-        for tree in trees:
-            depth = _depth(tree)
+        for tree, depth in zip(trees, tree_depths, strict=True):
             if depth == 0:
                 bias += float(np.float32(tree["split_conditions"][0]))
                 continue
@@ -235,18 +242,15 @@ class Forest:
         self.leaf_value = _joined(leaves, np.float32)
         if len(self.feature) and not (0 <= self.feature.min() and self.feature.max() < width):
             raise ArtifactError("XGBoost model: a split uses a feature outside the input width")
-        self._tables = [
-            _ptr(a)
-            for a in (
-                self.depth,
-                self.node_offset,
-                self.leaf_offset,
-                self.feature,
-                self.threshold,
-                self.default_left,
-                self.leaf_value,
-            )
-        ]
+        self._tables = _addresses(
+            self.depth,
+            self.node_offset,
+            self.leaf_offset,
+            self.feature,
+            self.threshold,
+            self.default_left,
+            self.leaf_value,
+        )
 
     @classmethod
     def from_xgboost(cls, booster: Any) -> Forest | None:
@@ -265,16 +269,17 @@ class Forest:
         ):
             return None
         trees = booster_doc["model"]["trees"]
-        if any(any(t.get("split_type", [])) for t in trees) or any(
-            _depth(t) > MAX_DEPTH for t in trees
-        ):
+        if any(any(t.get("split_type", [])) for t in trees):
+            return None
+        depths = [_depth(t) for t in trees]
+        if max(depths, default=0) > MAX_DEPTH:
             return None
         base = float(str(params["base_score"]).strip("[]"))
         transform = _TRANSFORMS[objective]
         if transform == 1 and not 0.0 < base < 1.0:
             return None  # no finite margin: leave the edge case to XGBoost
         margin = math.log(base / (1.0 - base)) if transform == 1 else base
-        return cls(trees, margin, transform, int(params["num_feature"]))
+        return cls(trees, depths, margin, transform, int(params["num_feature"]))
 
     def predict(self, matrix: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(matrix, np.float32)
