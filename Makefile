@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml setup.py model/_native.c
 demo: $(STAMP)
 	$(BIN)/recsql demo
 
+# libcurl headers and MariaDB (127.0.0.1:3306, database `test`) first: scripts/test-services.sh
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	bash scripts/test-services.sh
+	RECSQL_TEST_MYSQL_URL=$${RECSQL_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/test} $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

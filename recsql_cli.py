@@ -15,8 +15,17 @@ import sys
 _COMMAND_MODULES = ("training.cli", "serve.cli", "serve.deploy", "db.cli")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (`--train` is not read as `--train-mse-rows`);
+    add_subparsers makes every subcommand's parser of the same class."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="recsql",
         description="Score user-product pairs with a recommender model from SQL and HTTP.",
     )

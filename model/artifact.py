@@ -140,6 +140,22 @@ def _load_mfblock(model_dir: Path, manifest: dict[str, Any]) -> Recommender:
     item_ids, item_rows = read_index(model_dir / PRODUCT_INDEX, "product_id", "item")
     _check_rows(user_rows, weights["user_embeddings.weight"].shape[0], model_dir / USER_INDEX)
     _check_rows(item_rows, weights["item_embeddings.weight"].shape[0], model_dir / PRODUCT_INDEX)
+    score = manifest.get("score") or {"kind": "raw"}
+    temperature = None
+    if isinstance(score, dict) and score.get("kind") == "probability":
+        temperature = score.get("temperature")
+        normalizer = weights.get("user_log_normalizer")
+        if (
+            not isinstance(temperature, int | float)
+            or isinstance(temperature, bool)
+            or not temperature > 0
+        ):
+            raise ArtifactError(f"{model_dir / MANIFEST}: score.temperature must be a number > 0")
+        if normalizer is None or normalizer.shape != (weights["user_embeddings.weight"].shape[0],):
+            raise ArtifactError(
+                f"{model_dir / WEIGHTS}: a probability-scored model needs user_log_normalizer,"
+                " one value per user row"
+            )
     try:
         return Recommender.from_weights(
             weights,
@@ -147,6 +163,7 @@ def _load_mfblock(model_dir: Path, manifest: dict[str, Any]) -> Recommender:
             item_ids,
             user_rows,
             item_rows,
+            temperature=temperature,
             global_mean=float(manifest.get("global_mean", 0.0)),
             item_popularity=weights.get("item_popularity"),
             info={**manifest, "source": "recsql"},

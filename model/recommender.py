@@ -4,16 +4,72 @@ Whatever produced the weights (recsql training, or the seed's MXNet code), a
 loaded MFBlock becomes a `Recommender`: the Dense+ReLU towers are applied once
 at load time, so scoring a pair is one row gather and one dot product, and
 top-K is one matrix-vector product.
+
+Scores. A softmax-trained model (the default) scores a pair with the probability of
+the product among the whole catalogue for that user, p(i | u) = exp(u.i / T - log Z_u),
+with each user's log Z_u stored in the artifact (`user_log_normalizer`); the user
+vectors are kept divided by T so that u.i is the logit. Models trained with mse (the
+seed's) or bpr score with the raw dot product u.i: mse estimates the event weight
+(view 1 ... purchase 4), bpr's scale means nothing beyond the order.
+
+Users without a row (new, or filtered out at training) can be ranked from their
+history: `fold_in` builds a user vector from the item side (see there).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 FALLBACKS = ("null", "mean", "popularity")
+FOLD_IN_STEPS = 10  # L-BFGS-B iterations for a history's user vector
+FOLD_IN_PRIOR = 0.1  # strength of the pull towards the mean user vector
+
+
+@dataclass(frozen=True)
+class FoldIn:
+    """A user vector folded in from history: the vector, its log normaliser, items used."""
+
+    vector: np.ndarray
+    log_normalizer: float | None
+    known_items: int
+
+
+def _logsumexp(logits: np.ndarray) -> float:
+    top = float(logits.max())
+    return top + float(np.log(np.exp(logits - top).sum()))
+
+
+def _solve_softmax_user(
+    items: np.ndarray, history: np.ndarray, prior: np.ndarray, start: np.ndarray, steps: int
+) -> np.ndarray:
+    """argmax_v>=0 mean_h log softmax(items @ v)[h] - FOLD_IN_PRIOR/2 * |v - prior|^2."""
+    from scipy.optimize import minimize
+
+    target = items[history].mean(0)
+
+    def loss(v: np.ndarray) -> tuple[float, np.ndarray]:
+        v32 = v.astype(np.float32)
+        logits = items @ v32
+        lse = _logsumexp(logits)
+        p = np.exp(logits - np.float32(lse))
+        diff = v32 - prior
+        value = lse - float(target @ v32) + 0.5 * FOLD_IN_PRIOR * float(diff @ diff)
+        grad = p @ items - target + np.float32(FOLD_IN_PRIOR) * diff  # float32 throughout
+        return value, grad.astype(np.float64)
+
+    result = minimize(
+        loss,
+        np.maximum(start, 0.0).astype(np.float64),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(0.0, None)] * len(start),
+        options={"maxiter": steps},
+    )
+    return result.x.astype(np.float32)
 
 
 class IdIndex:
@@ -65,6 +121,8 @@ class Recommender:
     global_mean: float = 0.0
     item_popularity: np.ndarray | None = None  # (num_items,) float32, fallback scores
     info: dict[str, Any] = field(default_factory=dict)
+    # softmax models: log sum_j exp(u . i_j) per user row; scores are then probabilities
+    user_log_normalizer: np.ndarray | None = None
 
     kind = "mfblock"
 
@@ -76,13 +134,18 @@ class Recommender:
         item_ids: np.ndarray,
         user_rows: np.ndarray | None = None,
         item_rows: np.ndarray | None = None,
+        temperature: float | None = None,
         **kwargs: Any,
     ) -> Recommender:
+        """`temperature` set: a softmax model, whose weights carry `user_log_normalizer`."""
         user_vectors = relu_tower(
             weights["user_embeddings.weight"],
             weights["dense_user.weight"],
             weights["dense_user.bias"],
         )
+        if temperature is not None:
+            user_vectors /= np.float32(temperature)  # u . i is now the softmax logit
+            kwargs["user_log_normalizer"] = weights["user_log_normalizer"]
         item_vectors = relu_tower(
             weights["item_embeddings.weight"],
             weights["dense_item.weight"],
@@ -102,18 +165,33 @@ class Recommender:
         i = self.items.rows(product_ids)
         return self.score_rows(u, i)
 
+    @property
+    def probabilities(self) -> bool:
+        return self.user_log_normalizer is not None
+
     def score_rows(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
         ok = (u >= 0) & (i >= 0)
         out = np.full(u.shape, np.nan, dtype=np.float32)
+        if not ok.all():
+            u, i = u[ok], i[ok]
+        dots = np.einsum("ij,ij->i", self.user_vectors[u], self.item_vectors[i])
+        if self.probabilities:
+            dots = self._to_probability(dots, self.user_log_normalizer[u])
         if ok.all():
-            return np.einsum("ij,ij->i", self.user_vectors[u], self.item_vectors[i])
-        out[ok] = np.einsum("ij,ij->i", self.user_vectors[u[ok]], self.item_vectors[i[ok]])
+            return dots
+        out[ok] = dots
         return out
+
+    @staticmethod
+    def _to_probability(logits: np.ndarray, log_normalizer: Any) -> np.ndarray:
+        # min(.., 0): a sampled normaliser may fall a little short; p never exceeds 1
+        return np.exp(np.minimum(logits - log_normalizer, 0.0)).astype(np.float32)
 
     def fallback_scores(self, product_ids: np.ndarray, policy: str) -> np.ndarray:
         """Scores for pairs the model cannot score, under a fallback policy."""
-        if policy == "mean":
-            return np.full(len(product_ids), self.global_mean, dtype=np.float32)
+        if policy == "mean":  # a probability model's mean score is 1 / catalogue size
+            mean = 1.0 / max(len(self.items), 1) if self.probabilities else self.global_mean
+            return np.full(len(product_ids), mean, dtype=np.float32)
         if policy == "popularity" and self.item_popularity is not None:
             rows = self.items.rows(product_ids)
             out = np.full(len(product_ids), self.global_mean, dtype=np.float32)
@@ -140,15 +218,35 @@ class Recommender:
         row = int(self.users.rows(np.array([user_id]))[0])
         if row < 0 or k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
+        normalizer = self.user_log_normalizer[row] if self.probabilities else None
+        return self.rank_vector(self.user_vectors[row], k, candidates, exclude, normalizer)
+
+    def rank_vector(
+        self,
+        vector: np.ndarray | None,
+        k: int,
+        candidates: np.ndarray | None = None,
+        exclude: np.ndarray | None = None,
+        log_normalizer: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """top_k for a user vector (a known user's row, or one folded in from history);
+        vector None: by item popularity (the fallback ranking), scored as the fallback is."""
         if candidates is None and len(self.items) < len(self.item_vectors):
             candidates = self.items.sorted_ids  # rows no id names cannot be returned
+        if vector is None:
+            table = self.item_popularity
+            if table is None:
+                table = np.zeros(len(self.item_vectors), np.float32)
+            log_normalizer = None
         if candidates is not None:
             item_rows = self.items.rows(candidates)
             item_rows = np.unique(item_rows[item_rows >= 0])
-            scores = self.item_vectors[item_rows] @ self.user_vectors[row]
+            scores = (
+                self.item_vectors[item_rows] @ vector if vector is not None else table[item_rows]
+            )
         else:
             item_rows = None
-            scores = self.item_vectors @ self.user_vectors[row]
+            scores = self.item_vectors @ vector if vector is not None else table.copy()
         if exclude is not None and len(exclude):
             ex = self.items.rows(exclude)
             ex = ex[ex >= 0]
@@ -162,7 +260,40 @@ class Recommender:
         best = np.argpartition(-scores, k - 1)[:k]
         best = best[np.argsort(-scores[best], kind="stable")]
         rows = best if item_rows is None else item_rows[best]
-        return self.items.ids_by_row[rows], scores[best].astype(np.float32)
+        top = scores[best].astype(np.float32)
+        if log_normalizer is not None:
+            top = self._to_probability(top, log_normalizer)
+        return self.items.ids_by_row[rows], top
+
+    def fold_in(self, product_ids: np.ndarray, steps: int = FOLD_IN_STEPS) -> FoldIn | None:
+        """A user vector from the products of a user's recent events (oldest first; unknown
+        ids are skipped); None when the model knows none of them.
+
+        Softmax models: a few L-BFGS-B steps on the user vector with every item fixed,
+        maximising the mean log-probability of the history under the model's own softmax,
+        with the user vector kept >= 0 (it is a ReLU output) and pulled towards the mean
+        user by an L2 term. Other objectives, or steps=0: the mean of the history's item
+        vectors, scaled to the mean user vector's norm (a rank-preserving guess).
+        """
+        rows = self.items.rows(np.asarray(product_ids, np.int64))
+        rows = rows[rows >= 0]
+        if not len(rows):
+            return None
+        prior = self.mean_user_vector
+        start = self.item_vectors[rows].mean(0)
+        norm = float(np.linalg.norm(start))
+        if norm > 0:
+            start = start * (float(np.linalg.norm(prior)) / norm)
+        if not self.probabilities or steps <= 0:
+            vector = start.astype(np.float32)
+        else:
+            vector = _solve_softmax_user(self.item_vectors, rows, prior, start, steps)
+        normalizer = _logsumexp(self.item_vectors @ vector) if self.probabilities else None
+        return FoldIn(vector, normalizer, len(rows))
+
+    @cached_property
+    def mean_user_vector(self) -> np.ndarray:
+        return self.user_vectors.mean(0) if len(self.user_vectors) else np.zeros(0, np.float32)
 
     def describe(self) -> dict[str, Any]:
         return {

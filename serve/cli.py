@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from model.errors import RecsqlError
+    from recsql_cli import Parser
 
-    parser = argparse.ArgumentParser(prog="recsql")
+    parser = Parser(prog="recsql")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     level = os.environ.get("SAGEMAKER_CONTAINER_LOG_LEVEL") or os.environ.get("RECSQL_LOG_LEVEL")

@@ -36,7 +36,7 @@ _ALIASES = {
     "application/json-lines": JSONL,
     "application/x-ndjson": JSONL,
 }
-_BODY_PARAMS = ("top_k", "candidates", "exclude", "fallback", "output")
+_BODY_PARAMS = ("top_k", "candidates", "exclude", "fallback", "output", "history")
 
 
 def media_type(header: str | None) -> str | None:
@@ -151,7 +151,8 @@ def _ranking_dict(ranks: Rankings, i: int) -> str:
     ids = ",".join(map(str, ranks.product_ids[i].tolist()))
     scores = ",".join(_numbers(ranks.scores[i], "null"))
     user = "null" if ranks.user_ids[i] is None else str(ranks.user_ids[i])
-    return f'{{"user_id":{user},"product_ids":[{ids}],"scores":[{scores}]}}'
+    basis = f',"ranked_by":"{ranks.ranked_by[i]}"' if ranks.ranked_by else ""
+    return f'{{"user_id":{user},"product_ids":[{ids}],"scores":[{scores}]{basis}}}'
 
 
 def _labelled(scores: Scores, csv: bool) -> list[str]:

@@ -119,6 +119,7 @@ class DataPlane:
             top_k=_top_k(params.get("top_k", attributes.get("top_k"))),
             candidates=params.get("candidates"),
             exclude=params.get("exclude"),
+            history=params.get("history"),
             output=_output(params.get("output") or attributes.get("output"), tabular, self.config),
         )
 

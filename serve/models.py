@@ -40,6 +40,7 @@ class Options:
     top_k: int | None = None
     candidates: Any = None  # list of product ids, or one list per user
     exclude: Any = None
+    history: Any = None  # top-K for users the model does not know: product ids, or a list each
     output: str | None = None  # "probability" or "label" (tabular models); None: probability
 
 
@@ -90,6 +91,19 @@ def _per_user(value: Any, n_users: int, what: str) -> list[np.ndarray | None]:
     return out
 
 
+def _histories(value: Any) -> list[np.ndarray]:
+    """`history`: one list of product ids (one user), or one list per user."""
+    if not isinstance(value, list) or not value:
+        raise BadRequest('"history" must be a non-empty list of product ids (or one list per user)')
+    lists = value if all(isinstance(v, list) for v in value) else [value]
+    for ids in lists:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
+            raise BadRequest('"history" must hold integer product ids, oldest first')
+        if any(not -(2**63) <= v < 2**63 for v in ids):
+            raise BadRequest('"history" product ids must fit in 64 bits')
+    return [np.array(ids, dtype=np.int64) for ids in lists]
+
+
 class RecommenderModel(ServableModel):
     """MFBlock (recsql-trained or seed MXNet): scores `user_id,product_id` pairs."""
 
@@ -102,6 +116,8 @@ class RecommenderModel(ServableModel):
     def predict(self, payload: Payload, options: Options) -> Prediction:
         if options.output == "label":
             raise BadRequest("output=label is for tabular models; this model scores pairs")
+        if options.history is not None:
+            return self.rank_histories(options)
         if options.top_k is not None:
             return self.rank(payload, options)
         (users, products), ok = payload.table.ints(self.inputs)
@@ -136,6 +152,31 @@ class RecommenderModel(ServableModel):
         counts = {"malformed": int((~ok).sum()), "unknown": unknown, "fallback": 0}
         counts["null"] = counts["malformed"] + unknown
         return Rankings(ids, scores, user_ids, counts)
+
+    def rank_histories(self, options: Options) -> Rankings:
+        """Top-K from each history's products (see Recommender.fold_in); a history the
+        model knows nothing of gets the popularity ranking, and each reply says which."""
+        histories = _histories(options.history)
+        if options.top_k is None:
+            raise BadRequest('"history" needs "top_k": it ranks products, it scores no pairs')
+        rec, k = self.recommender, options.top_k
+        candidates = _per_user(options.candidates, len(histories), "candidates")
+        exclude = _per_user(options.exclude, len(histories), "exclude")
+        ids, scores, basis = [], [], []
+        for row, history in enumerate(histories):
+            user = rec.fold_in(history)
+            if user is None:
+                best = rec.rank_vector(None, k, candidates[row], exclude[row])
+            else:
+                best = rec.rank_vector(
+                    user.vector, k, candidates[row], exclude[row], user.log_normalizer
+                )
+            ids.append(best[0])
+            scores.append(best[1])
+            basis.append("popularity" if user is None else "history")
+        fallen = basis.count("popularity")
+        counts = {"malformed": 0, "unknown": fallen, "fallback": fallen, "null": 0}
+        return Rankings(ids, scores, [None] * len(histories), counts, basis)
 
     def describe(self) -> dict[str, Any]:
         return self.recommender.describe()

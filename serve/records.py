@@ -307,6 +307,7 @@ class Rankings:
     scores: list[np.ndarray]
     user_ids: list[int | None]
     counts: dict[str, int] = field(default_factory=dict)
+    ranked_by: list[str] | None = None  # history requests: "history" or "popularity" each
 
     def __len__(self) -> int:
         return len(self.product_ids)

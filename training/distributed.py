@@ -172,6 +172,16 @@ def run_training(
     return launch(plan, cfg, data, model_dir, inputs=inputs, progress=progress)
 
 
+def _check_distributable(cfg: TrainConfig) -> None:
+    if cfg.objective == "softmax":
+        raise DataError(
+            "distributed training runs the fused mse/bpr step; train --objective softmax "
+            "(the default) with --nproc 1, on one GPU or the CPU"
+        )
+    if cfg.update != "lazy":
+        raise DataError("distributed training runs the fused step: use --update lazy")
+
+
 def launch(
     plan: LaunchPlan,
     cfg: TrainConfig,
@@ -188,8 +198,7 @@ def launch(
 
     from training.events import is_prepared_dir
 
-    if cfg.update != "lazy":
-        raise DataError("distributed training runs the fused step: use --update lazy")
+    _check_distributable(cfg)
     if plan.master_port == 0:
         if plan.nnodes > 1:
             raise DataError("a multi-host launch needs a fixed MASTER_PORT")
@@ -343,8 +352,7 @@ def train_distributed(
     )
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.update != "lazy":
-        raise DataError("distributed training runs the fused step: use --update lazy")
+    _check_distributable(cfg)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model = build_model(cfg, data).to(device)

@@ -104,6 +104,38 @@ class PreparedEvents:
         prepared._check()
         return prepared
 
+    @classmethod
+    def from_events(
+        cls, user_ids: np.ndarray, product_ids: np.ndarray, weights: np.ndarray
+    ) -> PreparedEvents:
+        """Index events given oldest first: each user's last event is the test row (users
+        with one event have none) and every other event is a training row, in order.
+
+        The same index order as `prepare_events` (most events first, ties by id); unlike
+        it, no event is filtered or dropped, so a repeat of the test pair stays in training.
+        """
+        user_ids, product_ids = np.asarray(user_ids, np.int64), np.asarray(product_ids, np.int64)
+        weights = np.asarray(weights, np.float32)
+        if not len(user_ids) == len(product_ids) == len(weights):
+            raise DataError("user_ids, product_ids and weights differ in length")
+        uid, u = _ranked_index(user_ids)
+        pid, i = _ranked_index(product_ids)
+        users, first_from_end = np.unique(u[::-1], return_index=True)
+        last = len(u) - 1 - first_from_end  # each user's latest event, users in row order
+        last = last[np.bincount(u, minlength=len(uid))[users] >= 2]
+        train = np.ones(len(u), bool)
+        train[last] = False
+        return cls(
+            train_users=u[train].astype(np.int32),
+            train_items=i[train].astype(np.int32),
+            train_labels=weights[train],
+            test_users=u[last].astype(np.int32),
+            test_items=i[last].astype(np.int32),
+            test_labels=weights[last],
+            user_ids=uid,
+            product_ids=pid,
+        )
+
     def _check(self) -> None:
         n_train, n_test = len(self.train_users), len(self.test_users)
         if len(self.train_items) != n_train or len(self.train_labels) != n_train:
@@ -118,6 +150,15 @@ class PreparedEvents:
         ):
             if len(rows) and (rows.min() < 0 or rows.max() >= len(ids)):
                 raise DataError(f"prepared data: {what} points outside the {len(ids)}-row index")
+
+
+def _ranked_index(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids by row: most events first, ties by ascending id; each event's row)."""
+    unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    order = np.lexsort((unique, -counts))
+    row_of = np.empty(len(unique), np.int64)
+    row_of[order] = np.arange(len(unique))
+    return unique[order], row_of[inverse]
 
 
 def is_prepared_dir(path: Path) -> bool:

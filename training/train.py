@@ -55,9 +55,9 @@ from training.evaluate import (
 log = logging.getLogger(__name__)
 
 CHOICES = {
-    "objective": ("mse", "bpr"),
+    "objective": ("softmax", "mse", "bpr"),
     "init": ("normal", "seed"),
-    "opt": ("sgd", "adagrad"),
+    "opt": ("adam", "sgd", "adagrad"),
     "update": ("lazy", "dense"),
     "device": ("auto", "cpu", "cuda"),
 }
@@ -65,18 +65,27 @@ CHOICES = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # model: the seed's names and defaults where the seed had them
+    """Defaults are the tuned softmax objective's; `--objective mse` or `bpr` given alone
+    start from the seed's settings instead (SEED_DEFAULTS), flags still override."""
+
+    # model: the seed's names where the seed had them
     num_embeddings: int = 64
     dropout: float = 0.5
     init: str = "normal"  # "seed": the seed's Xavier(magnitude=60); "normal": see MFBlock
-    objective: str = "mse"  # "mse": the seed's L2 on event weights; "bpr": pairwise ranking
+    objective: str = "softmax"  # softmax (ranking), mse (the seed's L2), bpr (pairwise)
+    temperature: float = 1.0  # softmax: logits are scores / temperature
+    negatives: int = 2048  # sampled softmax: shared uniform negatives per batch
+    full_softmax_items: int = 20000  # softmax over every item up to this catalogue size
+    recency: float = 0.0  # softmax: an event's weight halves every `recency` later events
     # optimiser (seed: sgd, lr 0.02, momentum 0.9, wd 0, batch 1024)
-    opt: str = "sgd"
-    lr: float = 0.02
+    opt: str = "adam"
+    lr: float = 0.005
     momentum: float = 0.9
     wd: float = 0.0
     update: str = "lazy"  # "lazy": fused sparse rows; "dense": the seed's dense update
-    epochs: int = 3
+    epochs: int = 20  # at most: early stopping on the held-out events ends sooner
+    patience: int = 3  # epochs without a better held-out score before stopping; 0 = never
+    refit: bool = True  # after validating, retrain on every event for the chosen epochs
     batch_size: int = 1024  # a flag, never changed silently (a GPU wants 64k+)
     # run
     device: str = "auto"
@@ -94,13 +103,28 @@ class TrainConfig:
                     f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}"
                 )
         positive = ("num_embeddings", "epochs", "batch_size", "k", "lr", "min_events")
-        for name in positive:
+        for name in positive + ("temperature", "negatives"):
             if not getattr(self, name) > 0:
                 raise DataError(f"{name} must be > 0, not {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise DataError(f"dropout must be in [0, 1), not {self.dropout!r}")
-        if self.momentum < 0 or self.wd < 0 or self.threads < 0 or self.eval_users < 0:
-            raise DataError("momentum, wd, threads and eval_users must be >= 0")
+        if min(self.momentum, self.wd, self.threads, self.eval_users, self.patience) < 0:
+            raise DataError("momentum, wd, threads, eval_users and patience must be >= 0")
+        if self.objective == "softmax" and (self.opt != "adam" or self.update != "lazy"):
+            raise DataError("--objective softmax trains with --opt adam --update lazy")
+        if self.objective != "softmax" and self.opt == "adam":
+            raise DataError("--opt adam is for --objective softmax; mse and bpr take sgd, adagrad")
+
+
+# What `--objective mse|bpr` starts from: the seed's optimiser, epochs and no early stopping.
+SEED_DEFAULTS: dict[str, Any] = {"opt": "sgd", "lr": 0.02, "epochs": 3, "patience": 0}
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    """A config from the values a user set; the rest from the objective's defaults."""
+    objective = values.get("objective", TrainConfig.objective)
+    base = SEED_DEFAULTS if objective in ("mse", "bpr") else {}
+    return TrainConfig(**{**base, **values})
 
 
 FIELD_TYPES = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
@@ -114,11 +138,15 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
         if name not in FIELD_TYPES:
             raise DataError(f"unknown hyperparameter {raw_name!r}; known: {', '.join(FIELD_TYPES)}")
         kwargs[name] = _coerce(name, value, FIELD_TYPES[name])
-    return TrainConfig(**kwargs)
+    return make_config(kwargs)
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
     try:
+        if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"  # SageMaker sends every hyperparameter as a string
+        if kind is bool and isinstance(value, bool):
+            return value
         if kind is int and isinstance(value, float) and value.is_integer():
             return int(value)
         if kind is int and not isinstance(value, bool):
@@ -133,15 +161,23 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    seed = ", ".join(f"{k} {v}" for k, v in SEED_DEFAULTS.items())
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        shown = f"(default {f.default}" + (
+            f"; mse, bpr: {SEED_DEFAULTS[f.name]})" if f.name in SEED_DEFAULTS else ")"
+        )
+        if FIELD_TYPES[f.name] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
+            continue
         p.add_argument(
             flag,
             type=FIELD_TYPES[f.name],
-            default=f.default,
+            default=None,  # unset flags take the objective's default (make_config)
             choices=CHOICES.get(f.name),
-            help=f"(default {f.default})",
+            help=shown,
         )
+    p.epilog = f"--objective mse or bpr without other flags uses the seed's settings: {seed}."
     p.add_argument(
         "--model-dir",
         type=Path,
@@ -159,7 +195,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    return make_config({k: v for k, v in given.items() if v is not None})
 
 
 def resolve_device(name: str) -> Any:
@@ -354,44 +391,85 @@ class DenseStep:
 
 
 def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = True) -> dict:
-    """Train on PreparedEvents; write the artifact to model_dir (None: don't). Returns metrics."""
+    """Train on PreparedEvents; write the artifact to model_dir (None: don't). Returns metrics.
+
+    Validates on the held-out events (data.test_*) each epoch and stops after `patience`
+    epochs without a better score; then, with `refit`, trains a fresh model on every event
+    (training and held-out) for the best epoch count: that model is the one saved.
+    """
     import torch
 
     device = resolve_device(cfg.device)
+    ev = EvalSet.build(cfg, data, len(data.user_ids), len(data.product_ids))
+    model, history, best = fit(cfg, data, device, ev, progress)
+    metrics = run_metrics(cfg, history, ev, best)
+    if cfg.refit and len(data.test_users):
+        started = time.perf_counter()
+        model, _, _ = fit(
+            dataclasses.replace(cfg, epochs=best["epoch"], patience=0),
+            _with_test_events(data),
+            device,
+            None,
+            progress,
+        )
+        metrics["refit"] = {
+            "epochs": best["epoch"],
+            "events": len(data.train_labels) + len(data.test_labels),
+            "seconds": time.perf_counter() - started,
+        }
+    metrics["served_model"] = "refit on every event" if "refit" in metrics else "validated model"
+    if model_dir is not None:
+        with torch.no_grad():
+            save_artifact(model, cfg, data, metrics, ev, Path(model_dir), device)
+    return metrics
+
+
+def fit(
+    cfg: TrainConfig, data: Any, device: Any, ev: EvalSet | None, progress: bool
+) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    """Train one model; with `ev`, evaluate each epoch and keep the best epoch's weights."""
+    import torch
+
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model = build_model(cfg, data).to(device)
-    num_users, num_items = model.num_users, model.num_items
-    step = FusedStep(model, cfg, gen) if cfg.update == "lazy" else DenseStep(model, cfg)
+    step = make_step(cfg, model, data, gen)
     users, items, labels = device_arrays(data, device)
-
-    # evaluation set-up, fixed for the run
-    ev = EvalSet.build(cfg, data, num_users, num_items)
+    if cfg.objective == "softmax" and cfg.recency:
+        labels *= torch.as_tensor(recency_weights(data.train_users, cfg.recency), device=device)
     log.info(
         "training %s: %d users, %d items, %d events on %s",
         cfg.objective,
-        num_users,
-        num_items,
+        model.num_users,
+        model.num_items,
         len(labels),
         device,
     )
-
     history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {}
+    best_state = None
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         loss, seconds = run_epoch(
-            step, cfg, users, items, labels, num_items, gen, f"epoch {epoch}/{cfg.epochs}", progress
+            step,
+            cfg,
+            users,
+            items,
+            labels,
+            model.num_items,
+            gen,
+            f"epoch {epoch}/{cfg.epochs}",
+            progress,
         )
         if isinstance(step, FusedStep):
             step.flush()
         model.eval()
-        row = {
-            "epoch": epoch,
-            "train_loss": loss,
-            "seconds": seconds,
-            "samples_per_s": len(labels) / seconds,
-            **epoch_metrics(model, ev, device),
-        }
+        row = {"epoch": epoch, "train_loss": loss, "seconds": seconds}
+        row["samples_per_s"] = len(labels) / seconds
+        if ev is None:
+            history.append(row)
+            continue
+        row.update(epoch_metrics(model, ev, device))
         history.append(row)
         log.info(
             "epoch %d: loss %.4f, test MSE %.4f (mean predictor %.4f), HR@%d %.4f, "
@@ -406,11 +484,56 @@ def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = 
             row["ndcg"],
             row["samples_per_s"],
         )
+        if not best or _better(cfg, row, best):
+            best = row
+            if cfg.patience:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif cfg.patience and epoch - best["epoch"] >= cfg.patience:
+            log.info("no better held-out score for %d epochs: stopping", cfg.patience)
+            break
+    if best_state is not None and best["epoch"] != history[-1]["epoch"]:
+        model.load_state_dict(best_state)
+    return model, history, best or history[-1]
 
-    metrics = run_metrics(cfg, history, ev)
-    if model_dir is not None:
-        save_artifact(model, cfg, data, metrics, ev, Path(model_dir), device)
-    return metrics
+
+def recency_weights(train_users: np.ndarray, half_life: float) -> np.ndarray:
+    """0.5 ** (later events of the same user / half_life) per training row (rows oldest first)."""
+    users = np.asarray(train_users, np.int64)
+    order = np.argsort(users, kind="stable")
+    counts = np.bincount(users)
+    ends = np.cumsum(counts)[users[order]]  # one past each row's user block, in sorted order
+    later = np.empty(len(users), np.float64)
+    later[order] = ends - 1 - np.arange(len(users))
+    return (0.5 ** (later / half_life)).astype(np.float32)
+
+
+def _better(cfg: TrainConfig, row: dict[str, Any], best: dict[str, Any]) -> bool:
+    """The early-stopping measure: test MSE for mse, NDCG@k for the ranking objectives."""
+    if cfg.objective == "mse":
+        return row["test_mse"] < best["test_mse"]
+    return row["ndcg"] > best["ndcg"]
+
+
+def _with_test_events(data: Any) -> Any:
+    """The same events with each user's held-out one moved into training (for the refit)."""
+    return dataclasses.replace(
+        data,
+        train_users=np.concatenate([data.train_users, data.test_users]),
+        train_items=np.concatenate([data.train_items, data.test_items]),
+        train_labels=np.concatenate([data.train_labels, data.test_labels]),
+        test_users=data.test_users[:0],
+        test_items=data.test_items[:0],
+        test_labels=data.test_labels[:0],
+    )
+
+
+def make_step(cfg: TrainConfig, model: Any, data: Any, gen: Any) -> Any:
+    if cfg.objective == "softmax":
+        from training.softmax import SoftmaxStep
+
+        counts = np.bincount(data.train_items, minlength=model.num_items)
+        return SoftmaxStep(model, cfg, counts, gen)
+    return FusedStep(model, cfg, gen) if cfg.update == "lazy" else DenseStep(model, cfg)
 
 
 def build_model(cfg: TrainConfig, data: Any) -> Any:
@@ -452,10 +575,13 @@ def device_arrays(data: Any, device: Any) -> tuple[Any, Any, Any]:
     )
 
 
-def run_metrics(cfg: TrainConfig, history: list[dict[str, Any]], ev: EvalSet) -> dict[str, Any]:
-    """The metrics document of a run (metrics.json and the manifest's `metrics`)."""
+def run_metrics(
+    cfg: TrainConfig, history: list[dict[str, Any]], ev: EvalSet, best: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The metrics document of a run (metrics.json and the manifest's `metrics`): `final` is
+    the held-out score of the epoch kept (the best one under early stopping)."""
     return {
-        "final": history[-1],
+        "final": best or history[-1],
         "epochs": history,
         "popularity": ev.popularity,
         "mean_predictor_test_mse": ev.mean_mse,
@@ -504,7 +630,8 @@ def run_epoch(
         mininterval=0.5,
         leave=False,
     )
-    with torch.no_grad() if cfg.update == "lazy" else torch.enable_grad():
+    grad = cfg.update == "dense" or cfg.objective == "softmax"
+    with torch.enable_grad() if grad else torch.no_grad():
         for batch, s in enumerate(range(0, n, bs)):
             e = min(s + bs, n)
             loss = step(u[s:e], i[s:e], y[s:e], None if neg is None else neg[s:e])
@@ -521,11 +648,13 @@ def run_epoch(
 
 def _loop_threads(cfg: TrainConfig, default: int) -> int:
     """One thread for the fused step at small batches: its ops are ~100k floats, too small
-    to split, and on a busy machine idle-waiting threads cost 10x (measured: 680k vs 50k
-    samples/s on 2 shared cores). Bigger batches and the dense update use every core."""
+        to split, and on a busy machine idle-waiting threads cost 10x (measured: 680k vs 50k
+        samples/s on 2 shared cores). Bigger batches, the dense update and the softmax step (one
+    batch x candidates matrix product) use every core."""
     if cfg.threads:
         return cfg.threads
-    return 1 if cfg.update == "lazy" and cfg.batch_size <= 8192 else default
+    fused = cfg.update == "lazy" and cfg.objective != "softmax"
+    return 1 if fused and cfg.batch_size <= 8192 else default
 
 
 def _sync(device: Any) -> None:
@@ -659,7 +788,21 @@ def save_artifact(
     from model.artifact import save_mfblock
 
     weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    weights["item_popularity"] = item_popularity(model, ev.train_users, device)
+    if cfg.objective == "softmax":  # scores are p(product | user) over the catalogue
+        from training.softmax import log_normalizers
+
+        events = np.concatenate([data.train_items, data.test_items])
+        counts = np.bincount(events, minlength=model.num_items)
+        users = _tower(model, "user", np.arange(model.num_users), device) / cfg.temperature
+        items = _tower(model, "item", np.arange(model.num_items), device)
+        weights["user_log_normalizer"] = log_normalizers(users, items, counts, cfg.seed)
+        weights["item_popularity"] = counts / max(counts.sum(), 1)
+        score = {"kind": "probability", "temperature": cfg.temperature}
+        popularity_doc = "share of all events that name the product"
+    else:
+        weights["item_popularity"] = item_popularity(model, ev.train_users, device)
+        score = {"kind": "raw"}
+        popularity_doc = "model score of the event-weighted mean training user for the item"
     save_mfblock(
         model_dir,
         weights,
@@ -676,7 +819,8 @@ def save_artifact(
         train_config=asdict(cfg),
         metrics=metrics,
         global_mean=ev.global_mean,
-        item_popularity="model score of the event-weighted mean training user for the item",
+        score=score,
+        item_popularity=popularity_doc,
         data_stats=getattr(data, "stats", {}),
     )
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -14,9 +14,20 @@ from safetensors.numpy import load_file
 from model.artifact import load_model
 from model.errors import DataError
 from model.mfblock import MFBlock
-from training.train import DenseStep, FusedStep, TrainConfig, config_from_dict, train
+from training.train import (
+    DenseStep,
+    FusedStep,
+    TrainConfig,
+    config_from_dict,
+    make_config,
+    train,
+)
 
-FAST = TrainConfig(epochs=1, batch_size=256, eval_users=0, device="cpu", threads=1)
+# the seed's objective and settings (sgd, lr 0.02, momentum 0.9), small and quick
+FAST = make_config(
+    {"objective": "mse", "epochs": 1, "batch_size": 256, "eval_users": 0, "device": "cpu"}
+)
+FAST = replace(FAST, threads=1)
 # small data needs many small steps; the seed's dropout 0.5 on both towers only adds noise here
 LEARN = replace(
     FAST, epochs=4, batch_size=64, num_embeddings=16, dropout=0.0, opt="adagrad", lr=0.05
@@ -114,7 +125,7 @@ def test_fused_step_equals_autograd_and_torch_optimiser(objective, opt, wd):
 
 def test_sparse_momentum_with_catch_up_equals_the_seeds_dense_sgd():
     # batches touch few rows; after flush() every row matches dense momentum SGD
-    cfg = TrainConfig(dropout=0.0)
+    cfg = make_config({"objective": "mse", "dropout": 0.0})
     fused_model, dense_model = _tiny_model(), _tiny_model()
     fused = FusedStep(fused_model, cfg, torch.Generator().manual_seed(0))
     dense = DenseStep(dense_model, cfg)
@@ -134,7 +145,7 @@ def test_sparse_momentum_with_catch_up_equals_the_seeds_dense_sgd():
 
 def test_dropout_mask_keeps_half_and_rescales():
     model = MFBlock(3, 3, 8, dropout_p=0.5)
-    step = FusedStep(model, TrainConfig(), torch.Generator().manual_seed(1))
+    step = FusedStep(model, FAST, torch.Generator().manual_seed(1))
     mask = step._mask(torch.ones(512, 64))
     assert set(mask.unique().tolist()) == {0.0, 2.0}
     assert abs((mask > 0).float().mean().item() - 0.5) < 0.01
@@ -219,7 +230,7 @@ def test_device_cuda_without_cuda_is_a_clear_error(planted, monkeypatch):
 def test_config_validation_and_hyperparameter_coercion():
     cfg = config_from_dict({"num_embeddings": 32.0, "lr": "0.1", "epochs": 2, "opt": "adagrad"})
     assert (cfg.num_embeddings, cfg.lr, cfg.epochs, cfg.opt) == (32, 0.1, 2, "adagrad")
-    with pytest.raises(DataError, match="objective must be one of mse, bpr"):
+    with pytest.raises(DataError, match="objective must be one of softmax, mse, bpr"):
         TrainConfig(objective="hinge")
     with pytest.raises(DataError, match="unknown hyperparameter 'epoch'"):
         config_from_dict({"epoch": 3})

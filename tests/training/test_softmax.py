@@ -1,0 +1,131 @@
+"""The default objective (softmax): it learns planted groups, early stopping keeps the best
+epoch, the served model is refit on every event, scores are probabilities, and a history
+folds into a user vector that ranks its group first."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from model.artifact import load_model
+from training.events import PreparedEvents
+from training.train import make_config, recency_weights, train
+
+from .test_train import planted_events
+
+SOFTMAX = make_config(
+    {"epochs": 6, "batch_size": 128, "num_embeddings": 16, "eval_users": 0, "device": "cpu"}
+)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_events()
+
+
+@pytest.fixture(scope="module")
+def trained(planted, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("softmax")
+    metrics = train(SOFTMAX, planted, model_dir, progress=False)
+    return metrics, load_model(model_dir), model_dir
+
+
+def _group_of_items(planted) -> np.ndarray:
+    return np.arange(len(planted.product_ids)) // 20  # planted_events: 20 items per group
+
+
+def test_softmax_learns_the_planted_groups(trained):
+    metrics, _, _ = trained
+    final, pop = metrics["final"], metrics["popularity"]
+    assert final["hr"] > pop["hr"] + 0.15, (final["hr"], pop["hr"])
+    assert final["ndcg"] > pop["ndcg"] + 0.05
+
+
+def test_sampled_softmax_learns_too(planted):
+    cfg = replace(SOFTMAX, full_softmax_items=0, negatives=32, refit=False)
+    metrics = train(cfg, planted, None, progress=False)
+    assert metrics["final"]["hr"] > metrics["popularity"]["hr"] + 0.15
+
+
+def test_early_stopping_keeps_the_best_epoch(planted):
+    cfg = replace(SOFTMAX, epochs=12, patience=2, lr=0.05, refit=False)
+    metrics = train(cfg, planted, None, progress=False)
+    scores = [row["ndcg"] for row in metrics["epochs"]]
+    assert metrics["final"]["ndcg"] == max(scores)
+    best = metrics["final"]["epoch"]
+    assert len(scores) == min(best + 2, 12)  # stopped `patience` epochs after the best
+
+
+def test_refit_trains_the_served_model_on_every_event(trained, planted, tmp_path):
+    metrics, refit, _ = trained
+    events = len(planted.train_labels) + len(planted.test_labels)
+    assert metrics["refit"]["events"] == events
+    assert metrics["refit"]["epochs"] == metrics["final"]["epoch"]
+    assert metrics["served_model"] == "refit on every event"
+    train(replace(SOFTMAX, refit=False), planted, tmp_path, progress=False)
+    kept = load_model(tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["served_model"] == (
+        "validated model"
+    )
+    # the held-out events taught the refit model: their pairs score higher there
+    users = planted.user_ids[planted.test_users]
+    items = planted.product_ids[planted.test_items]
+    assert np.log(refit.score(users, items)).mean() > np.log(kept.score(users, items)).mean()
+
+
+def test_scores_are_probabilities_over_the_catalogue(trained, planted):
+    _, rec, model_dir = trained
+    assert rec.probabilities
+    assert json.loads((model_dir / "recsql.json").read_text())["score"]["kind"] == "probability"
+    every_item = np.tile(planted.product_ids, 5)
+    users = np.repeat(planted.user_ids[:5], len(planted.product_ids))
+    p = rec.score(users, every_item).reshape(5, -1)
+    assert (p > 0).all() and (p <= 1).all()
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-4)
+    ids, top = rec.top_k(int(planted.user_ids[0]), 3)
+    np.testing.assert_allclose(top, rec.score(np.repeat(planted.user_ids[0], 3), ids), rtol=1e-5)
+
+
+def test_history_ranks_the_planted_group_first(trained, planted):
+    _, rec, _ = trained
+    group = _group_of_items(planted)
+    hits = []
+    for g in range(8):
+        history = planted.product_ids[group == g][:5]
+        user = rec.fold_in(history)
+        assert user is not None and user.known_items == 5
+        ids, p = rec.rank_vector(user.vector, 10, log_normalizer=user.log_normalizer)
+        rows = rec.items.rows(ids)
+        hits.append(np.mean(group[rows] == g))
+        assert (p <= 1).all() and (np.diff(p) <= 0).all()
+    user_group = np.arange(len(planted.user_ids)) // 50  # 50 users per group
+    known = [
+        np.mean(group[rec.items.rows(rec.top_k(int(planted.user_ids[u]), 10)[0])] == user_group[u])
+        for u in range(0, len(planted.user_ids), 5)
+    ]
+    # five products of a group rank that group as well as a known user's own vector does
+    # (about half of a top 10 is in-group; chance is 1/8)
+    assert np.mean(hits) >= 0.9 * np.mean(known) and np.mean(hits) > 0.3, (hits, known)
+
+
+def test_history_of_unknown_products_folds_to_nothing(trained):
+    _, rec, _ = trained
+    assert rec.fold_in(np.array([-1, 3, 10**12])) is None
+
+
+def test_recency_weights_halve_per_later_event():
+    users = np.array([0, 1, 0, 0, 1])  # rows oldest first
+    np.testing.assert_allclose(recency_weights(users, 1.0), [0.25, 0.5, 0.5, 1.0, 1.0])
+
+
+def test_from_events_holds_out_each_users_last_event():
+    users = np.array([7, 7, 9, 7, 9, 5])
+    items = np.array([1, 2, 1, 3, 2, 1])
+    data = PreparedEvents.from_events(users, items, np.array([1, 1, 3, 4, 1, 1]))
+    assert data.user_ids.tolist() == [7, 9, 5]  # most events first
+    assert data.product_ids[data.test_items].tolist() == [3, 2]  # users 7, 9: their last
+    assert data.user_ids[data.test_users].tolist() == [7, 9]  # user 5: one event, no test
+    assert len(data.train_labels) == 4 and data.test_labels.tolist() == [4.0, 1.0]

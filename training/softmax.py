@@ -1,0 +1,118 @@
+"""The softmax objective: each event asks the user's vector to pick its product out of the
+catalogue, weighted by the event's confidence (purchase 4, cart 3, view 1).
+
+    loss = sum_e w_e * -log softmax_j(u . i_j / tau - log pi_j)[item_e] / sum_e w_e
+
+Full softmax (every item is a candidate, pi = 1) while the catalogue has at most
+`full_softmax_items` items; above that, sampled softmax: the candidates are the batch's
+own products (in-batch negatives, drawn as often as products occur in the events) plus
+`negatives` products drawn uniformly and shared by the whole batch, and each logit is
+corrected by the log of its product's probability of being a candidate, pi_j =
+1 - (1 - p_j)^B (1 - 1/N)^S (the sampling-bias correction; Yi et al. 2019, Yang et al. 2020).
+
+Autograd on the seed's MFBlock (embeddings, Dense+ReLU towers, dropout on both towers, dot
+product). Embedding rows get sparse gradients and a lazy Adam (`torch.optim.SparseAdam`,
+only the rows a batch touched move); weight decay on them is an L2 term on those rows.
+The Dense layers use Adam with decoupled weight decay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class SoftmaxStep:
+    """One batch of the softmax objective; called like the other steps."""
+
+    def __init__(self, model: Any, cfg: Any, item_counts: np.ndarray, generator: Any) -> None:
+        import torch
+
+        self.model, self.cfg, self.gen = model, cfg, generator
+        self.num_items = model.num_items
+        self.full = self.num_items <= cfg.full_softmax_items
+        device = model.item_embeddings.weight.device
+        p = item_counts.astype(np.float64) / max(item_counts.sum(), 1)
+        self.log_p1 = torch.as_tensor(np.log1p(-np.minimum(p, 1 - 1e-12)), device=device)
+        embeddings = [model.user_embeddings.weight, model.item_embeddings.weight]
+        dense = [q for n, q in model.named_parameters() if not n.endswith("embeddings.weight")]
+        self.opts = [
+            torch.optim.SparseAdam(embeddings, lr=cfg.lr),
+            torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.wd),
+        ]
+
+    def candidates(self, items: Any) -> tuple[Any, Any, Any]:
+        """(candidate item rows, each event's column among them, log pi per column)."""
+        import torch
+
+        if self.full:
+            return torch.arange(self.num_items, device=items.device), items, None
+        shared = torch.randint(
+            self.num_items, (self.cfg.negatives,), device=items.device, generator=self.gen
+        )
+        rows, inverse = torch.unique(torch.cat([items, shared]), return_inverse=True)
+        n, s = len(items), self.cfg.negatives
+        miss = n * self.log_p1[rows] + s * float(np.log1p(-1.0 / self.num_items))
+        log_pi = torch.log(-torch.expm1(miss)).to(torch.float32)  # log(1 - exp(miss))
+        return rows, inverse[:n], log_pi
+
+    def __call__(self, users: Any, items: Any, labels: Any, negatives: Any = None) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        m, cfg = self.model, self.cfg
+        rows, target, log_pi = self.candidates(items)
+        ue, ie = m.user_embeddings(users), m.item_embeddings(rows)
+        a = m.dropout(torch.relu(m.dense_user(ue)))
+        b = m.dropout(torch.relu(m.dense_item(ie)))
+        logits = (a @ b.T) / cfg.temperature
+        if log_pi is not None:
+            logits = logits - log_pi
+        weights = labels / labels.sum()
+        loss = (F.cross_entropy(logits, target, reduction="none") * weights).sum()
+        objective = loss
+        if cfg.wd:  # L2 on the embedding rows this batch used
+            objective = loss + cfg.wd * ((ue * ue).sum() / len(users) + (ie * ie).sum() / len(rows))
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        objective.backward()
+        for opt in self.opts:
+            opt.step()
+        return loss.detach()
+
+
+EXACT_NORMALIZER_MACS = 1e11  # users x items x dims above which log Z is estimated
+_HEAD, _TAIL_SAMPLE = 4096, 4096
+
+
+def log_normalizers(
+    user_vectors: Any, item_vectors: Any, item_counts: np.ndarray, seed: int = 0
+) -> np.ndarray:
+    """log sum_j exp(u . i_j) for every user (vectors already divided by the temperature).
+
+    Exact (in chunks) while users x items x dims <= EXACT_NORMALIZER_MACS; above that, the
+    `_HEAD` most frequent items exactly plus a uniform sample of the rest, scaled up (an
+    unbiased estimate of the tail's sum, and the head holds most of the mass).
+    """
+    import torch
+
+    n_users, n_items = len(user_vectors), len(item_vectors)
+    head = torch.arange(n_items, device=item_vectors.device)
+    tail_scale = 0.0
+    if n_users * n_items * item_vectors.shape[1] > EXACT_NORMALIZER_MACS and n_items > _HEAD:
+        order = np.argsort(-item_counts, kind="stable")
+        rng = np.random.default_rng(seed)
+        tail = rng.choice(order[_HEAD:], size=min(_TAIL_SAMPLE, n_items - _HEAD), replace=False)
+        tail_scale = (n_items - _HEAD) / len(tail)
+        head = torch.as_tensor(order[:_HEAD], device=item_vectors.device)
+        tail = torch.as_tensor(tail, device=item_vectors.device)
+    out = []
+    for s in range(0, n_users, 4096):
+        u = user_vectors[s : s + 4096]
+        lse = torch.logsumexp(u @ item_vectors[head].T, dim=1)
+        if tail_scale:
+            rest = torch.logsumexp(u @ item_vectors[tail].T, dim=1) + float(np.log(tail_scale))
+            lse = torch.logaddexp(lse, rest)
+        out.append(lse.cpu())
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
