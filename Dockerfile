@@ -83,7 +83,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir --no-deps . \
     && apt-get purge -y --auto-remove gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/* build model training serve db recsql_cli.py setup.py \
+    && rm -rf /var/lib/apt/lists/* build ./*.egg-info model training serve db recsql_cli.py setup.py \
     && python -c "from model.native import library; library()" \
     && recsql --help > /dev/null
 

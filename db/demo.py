@@ -31,9 +31,8 @@ from db.queries import EXAMPLES, print_table, run_example_query
 from db.score import ScoreOptions, score_duckdb
 from model.errors import RecsqlError
 
-# BPR + adagrad ranks far better than the seed's regression in a few epochs
-# (HR@10 0.37 vs popularity 0.28 on planted data; see bench/RESULTS.md).
-TRAIN_FLAGS = ["--objective", "bpr", "--opt", "adagrad", "--lr", "0.05", "--epochs", "3"]
+# `recsql train` defaults (softmax, early stopping, refit) but capped so the demo stays quick
+TRAIN_FLAGS = ["--epochs", "4"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

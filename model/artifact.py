@@ -124,6 +124,8 @@ def save_mfblock(
     model_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
     save_file(tensors, str(model_dir / WEIGHTS))
+    # safetensors writes 0600: a model trained as root must load in a non-root server image
+    (model_dir / WEIGHTS).chmod(0o644)
     write_index(model_dir / USER_INDEX, "user_id", "user", user_ids)
     write_index(model_dir / PRODUCT_INDEX, "product_id", "item", product_ids)
     write_manifest(model_dir, "mfblock", **manifest_fields)
@@ -131,10 +133,15 @@ def save_mfblock(
 
 
 def _load_mfblock(model_dir: Path, manifest: dict[str, Any]) -> Recommender:
+    path = model_dir / WEIGHTS
     try:
-        weights = load_file(str(model_dir / WEIGHTS))
-    except (OSError, ValueError, Exception) as exc:  # safetensors raises its own error type
-        raise ArtifactError(f"{model_dir / WEIGHTS}: cannot read weights ({exc})") from exc
+        with open(path, "rb"):  # the real errno (EACCES, ENOENT) before safetensors hides it
+            pass
+        weights = load_file(str(path))
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read weights ({exc.strerror})") from exc
+    except Exception as exc:  # safetensors raises its own error type
+        raise ArtifactError(f"{path}: cannot read weights ({exc})") from exc
     _check_mfblock_shapes(weights, model_dir / WEIGHTS)
     user_ids, user_rows = read_index(model_dir / USER_INDEX, "user_id", "user")
     item_ids, item_rows = read_index(model_dir / PRODUCT_INDEX, "product_id", "item")

@@ -21,6 +21,14 @@ _PAIRS = {
         "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
         "candidates": {"type": "array", "description": "product ids, or one list per user"},
         "exclude": {"type": "array", "description": "product ids, or one list per user"},
+        "history": {
+            "type": "array",
+            "description": "with top_k, instead of user_id: the product ids of a user's recent"
+            " events, oldest first (or one list per user), for users the model does not know."
+            " Unknown products are skipped; a history with none the model knows gets the"
+            ' popularity ranking. Each reply carries "ranked_by": "history" or "popularity".',
+            "items": {},
+        },
         "fallback": {"type": "string", "enum": ["null", "mean", "popularity"]},
         "output": {
             "type": "string",
@@ -42,7 +50,11 @@ _HEADERS = [
     {"name": "X-Amzn-SageMaker-Inference-Id", "in": "header", "schema": {"type": "string"}},
 ]
 _INVOKE: dict[str, Any] = {
-    "summary": "Score user-product pairs, or rank products for users (top_k)",
+    "summary": "Score user-product pairs, or rank products for users (top_k) or histories",
+    "description": "MFBlock scores: softmax-trained models (the default) return the"
+    " probability of the product among the whole catalogue for the user; mse-trained models"
+    " the predicted event weight (view 1 ... purchase 4); bpr-trained models an unscaled"
+    " score whose order is all that counts.",
     "parameters": _HEADERS,
     "requestBody": {
         "required": True,

@@ -193,7 +193,8 @@ def evaluate_model_dir(
         "k": k,
         "test_rows": int(known.sum()),
         "test_rows_unknown": int((~known).sum()),
-        "test_mse": mse(pred, labels),
+        # MSE against event weights means something for the mse objective only
+        "test_mse": mse(pred, labels) if model.info.get("objective") in (None, "mse") else None,
         "mean_mse": mse(np.full(len(labels), model.global_mean), labels),
         "model": ranking,
         "popularity": popularity,
@@ -205,7 +206,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{'':<16}{'HR@' + str(k):>10}{'NDCG@' + str(k):>10}{'test MSE':>10}"]
     m, p = result["model"], result["popularity"]
     name = f"mfblock ({result.get('objective') or '?'})"
-    lines.append(f"{name:<16}{m['hr']:>10.4f}{m['ndcg']:>10.4f}{result['test_mse']:>10.4f}")
+    test_mse = "-" if result["test_mse"] is None else f"{result['test_mse']:.4f}"
+    lines.append(f"{name:<16}{m['hr']:>10.4f}{m['ndcg']:>10.4f}{test_mse:>10}")
     lines.append(f"{'popularity':<16}{p['hr']:>10.4f}{p['ndcg']:>10.4f}{'-':>10}")
     lines.append(f"{'mean predictor':<16}{'-':>10}{'-':>10}{result['mean_mse']:>10.4f}")
     lines.append(f"({m['users']} users ranked over all items; {result['test_rows']} test rows)")

@@ -106,13 +106,18 @@ class PreparedEvents:
 
     @classmethod
     def from_events(
-        cls, user_ids: np.ndarray, product_ids: np.ndarray, weights: np.ndarray
+        cls,
+        user_ids: np.ndarray,
+        product_ids: np.ndarray,
+        weights: np.ndarray,
+        repeats: bool = True,
     ) -> PreparedEvents:
         """Index events given oldest first: each user's last event is the test row (users
         with one event have none) and every other event is a training row, in order.
 
-        The same index order as `prepare_events` (most events first, ties by id); unlike
-        it, no event is filtered or dropped, so a repeat of the test pair stays in training.
+        The same index order as `prepare_events` (most events first, ties by id), and no
+        event filtered. `repeats=False` drops a user's earlier events of their test product
+        from training, as `prepare_events` does, so that a test item is new to its user.
         """
         user_ids, product_ids = np.asarray(user_ids, np.int64), np.asarray(product_ids, np.int64)
         weights = np.asarray(weights, np.float32)
@@ -125,6 +130,10 @@ class PreparedEvents:
         last = last[np.bincount(u, minlength=len(uid))[users] >= 2]
         train = np.ones(len(u), bool)
         train[last] = False
+        if not repeats:
+            test_item = np.full(len(uid), -1, np.int64)
+            test_item[u[last]] = i[last]
+            train &= i != test_item[u]
         return cls(
             train_users=u[train].astype(np.int32),
             train_items=i[train].astype(np.int32),

@@ -247,7 +247,9 @@ def write_synthetic(
         sql = _format_sql(part, gz)
         chunks = _sliced(_chunks(world, cfg, rng), bounds[1:])
         for path, end in zip(paths, bounds[1:], strict=True):
-            with open(path, "wb") as sink:
+            # a reader that starts early never sees a half-written file: write, then rename
+            partial = path.with_name(f".{path.name}.partial")
+            with open(partial, "wb") as sink:
                 _write_header(sink, path)
                 for chunk, chunk_end in chunks:
                     con.register("chunk", chunk)
@@ -258,6 +260,7 @@ def write_synthetic(
                     bar.update(len(chunk["t"]))
                     if chunk_end == end:
                         break
+            partial.replace(path)
     bar.close()
     seconds = time.perf_counter() - started
     stats = {

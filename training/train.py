@@ -70,18 +70,18 @@ class TrainConfig:
 
     # model: the seed's names where the seed had them
     num_embeddings: int = 64
-    dropout: float = 0.5
+    dropout: float = 0.0  # on both towers' outputs while training (the seed: 0.5)
     init: str = "normal"  # "seed": the seed's Xavier(magnitude=60); "normal": see MFBlock
     objective: str = "softmax"  # softmax (ranking), mse (the seed's L2), bpr (pairwise)
     temperature: float = 1.0  # softmax: logits are scores / temperature
     negatives: int = 2048  # sampled softmax: shared uniform negatives per batch
-    full_softmax_items: int = 20000  # softmax over every item up to this catalogue size
+    full_softmax_items: int = 4096  # softmax over every item up to this catalogue size
     recency: float = 0.0  # softmax: an event's weight halves every `recency` later events
     # optimiser (seed: sgd, lr 0.02, momentum 0.9, wd 0, batch 1024)
     opt: str = "adam"
-    lr: float = 0.005
+    lr: float = 0.003
     momentum: float = 0.9
-    wd: float = 0.0
+    wd: float = 0.003
     update: str = "lazy"  # "lazy": fused sparse rows; "dense": the seed's dense update
     epochs: int = 20  # at most: early stopping on the held-out events ends sooner
     patience: int = 3  # epochs without a better held-out score before stopping; 0 = never
@@ -117,7 +117,14 @@ class TrainConfig:
 
 
 # What `--objective mse|bpr` starts from: the seed's optimiser, epochs and no early stopping.
-SEED_DEFAULTS: dict[str, Any] = {"opt": "sgd", "lr": 0.02, "epochs": 3, "patience": 0}
+SEED_DEFAULTS: dict[str, Any] = {
+    "opt": "sgd",
+    "lr": 0.02,
+    "wd": 0.0,
+    "dropout": 0.5,
+    "epochs": 3,
+    "patience": 0,
+}
 
 
 def make_config(values: dict[str, Any]) -> TrainConfig:
@@ -855,14 +862,19 @@ def run_train_command(args: argparse.Namespace) -> int:
     if metrics is None:
         return 0
     final, pop = metrics["final"], metrics["popularity"]
-    print(f"model: {args.model_dir}")
+    print(f"model: {args.model_dir} ({metrics['served_model']})")
+    if cfg.objective == "mse":
+        print(
+            f"test MSE {final['test_mse']:.4f} (mean predictor {final['mean_mse']:.4f}), "
+            f"train MSE {final['train_mse']:.4f}"
+        )
     print(
-        f"test MSE {final['test_mse']:.4f} (mean predictor {final['mean_mse']:.4f}), "
-        f"train MSE {final['train_mse']:.4f}"
+        f"held out: HR@{cfg.k} {final['hr']:.4f} NDCG@{cfg.k} {final['ndcg']:.4f} at epoch "
+        f"{final['epoch']} (popularity {pop['hr']:.4f} / {pop['ndcg']:.4f}, "
+        f"{metrics['eval_users']} users)"
     )
-    print(
-        f"HR@{cfg.k} {final['hr']:.4f} NDCG@{cfg.k} {final['ndcg']:.4f} "
-        f"(popularity {pop['hr']:.4f} / {pop['ndcg']:.4f}, {metrics['eval_users']} users)"
-    )
-    print(f"{final['samples_per_s']:,.0f} samples/s in the last epoch")
+    refit = metrics.get("refit")
+    if refit:
+        print(f"refit on all {refit['events']:,} events for {refit['epochs']} epochs")
+    print(f"{final['samples_per_s']:,.0f} samples/s")
     return 0

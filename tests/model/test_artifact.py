@@ -255,3 +255,32 @@ def test_load_model_refuses_inconsistent_artifacts(saved, breaker) -> None:
     breaker(model_dir)
     with pytest.raises(ArtifactError):
         load_model(model_dir)
+
+
+def test_artifact_files_are_world_readable(saved) -> None:
+    # safetensors' save_file writes 0600; the server image runs as another user than training
+    model_dir = saved[0]
+    for path in model_dir.iterdir():
+        assert path.stat().st_mode & 0o044 == 0o044, path.name
+
+
+def test_missing_weights_error_names_the_file_and_the_errno(saved) -> None:
+    model_dir = saved[0]
+    (model_dir / "weights.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors: cannot read weights \(No such"):
+        load_model(model_dir)
+
+
+def test_probability_model_needs_its_normalizer(saved) -> None:
+    model_dir, weights, user_ids, product_ids = saved
+    save_mfblock(
+        model_dir, weights, user_ids, product_ids, score={"kind": "probability", "temperature": 1.0}
+    )
+    with pytest.raises(ArtifactError, match="user_log_normalizer"):
+        load_model(model_dir)
+    weights = {**weights, "user_log_normalizer": np.zeros(len(user_ids), np.float32)}
+    save_mfblock(
+        model_dir, weights, user_ids, product_ids, score={"kind": "probability", "temperature": 0}
+    )
+    with pytest.raises(ArtifactError, match="temperature"):
+        load_model(model_dir)

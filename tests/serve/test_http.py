@@ -172,6 +172,41 @@ def test_top_k_with_candidates_and_exclude(server, recommender) -> None:
     assert sorted(only["predictions"][0]["product_ids"]) == candidates
 
 
+def test_top_k_from_a_history(server, recommender) -> None:
+    history = PRODUCT_IDS[[3, 40, 41]].tolist() + [7]  # 7: a product the model does not know
+    doc = {"history": [history, [1, 2]], "top_k": 5, "exclude": [history[:1], []]}
+    r = server.post("/invocations", json.dumps(doc), "application/json")
+    assert r.status_code == 200
+    folded, fallback = r.json()["predictions"]
+    user = recommender.fold_in(np.array(history))
+    assert user.known_items == 3
+    ids, scores = recommender.rank_vector(user.vector, 5, exclude=np.array(history[:1]))
+    assert folded["ranked_by"] == "history" and folded["user_id"] is None
+    assert folded["product_ids"] == ids.tolist() and history[0] not in folded["product_ids"]
+    assert folded["scores"] == pytest.approx(scores.tolist(), rel=1e-5)
+    # no product the model knows: the popularity ranking, and the reply says so
+    assert fallback["ranked_by"] == "popularity"
+    popular = PRODUCT_IDS[np.argsort(-recommender.item_popularity, kind="stable")[:5]]
+    assert fallback["product_ids"] == popular.tolist()
+    assert r.headers["X-Recsql-Fallback-Rows"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("doc", "words"),
+    [
+        ({"history": [], "top_k": 3}, "non-empty list"),
+        ({"history": "1,2", "top_k": 3}, "non-empty list"),
+        ({"history": [1, "x"], "top_k": 3}, "integer product ids"),
+        ({"history": [1, 2]}, "needs \"top_k\""),
+        ({"history": [[1], [2]], "top_k": 3, "exclude": [[1]]}, "1 lists for 2 users"),
+    ],
+)
+def test_bad_history_is_a_400_with_the_reason(server, doc, words) -> None:
+    r = server.post("/invocations", json.dumps(doc), "application/json")
+    assert r.status_code == 400
+    assert words in r.text and r.text.count("\n") == 1
+
+
 def test_top_k_from_csv_and_custom_attributes(server, recommender) -> None:
     user = int(USER_IDS[4])
     attrs = {"X-Amzn-SageMaker-Custom-Attributes": "top_k=4"}

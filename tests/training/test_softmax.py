@@ -129,3 +129,10 @@ def test_from_events_holds_out_each_users_last_event():
     assert data.product_ids[data.test_items].tolist() == [3, 2]  # users 7, 9: their last
     assert data.user_ids[data.test_users].tolist() == [7, 9]  # user 5: one event, no test
     assert len(data.train_labels) == 4 and data.test_labels.tolist() == [4.0, 1.0]
+
+
+def test_from_events_without_repeats_drops_the_test_pairs_earlier_events():
+    users, items = np.array([7, 7, 7, 7]), np.array([1, 2, 1, 1])
+    data = PreparedEvents.from_events(users, items, np.ones(4), repeats=False)
+    assert data.product_ids[data.train_items].tolist() == [2]  # the two earlier 1s are gone
+    assert data.product_ids[data.test_items].tolist() == [1]

@@ -139,3 +139,21 @@ def test_bad_arguments(tmp_path):
         write_synthetic(tmp_path / "x.csv", SynthConfig(rows=0), progress=False)
     with pytest.raises(DataError, match="needs a folder"):
         write_synthetic(tmp_path / "x.csv", SynthConfig(rows=10), files=2, progress=False)
+
+
+def test_output_appears_only_when_complete(tmp_path, monkeypatch):
+    import training.synth as synth
+
+    out = tmp_path / "events.csv"
+    seen_while_writing = []
+    real_copy = synth.shutil.copyfileobj
+
+    def copy(src, sink, size):
+        seen_while_writing.append(out.exists())
+        real_copy(src, sink, size)
+
+    monkeypatch.setattr(synth.shutil, "copyfileobj", copy)
+    synth.write_synthetic(out, synth.SynthConfig(rows=5000, seed=1), progress=False)
+    assert seen_while_writing and not any(seen_while_writing)
+    assert len(out.read_text().splitlines()) == 5001
+    assert [p.name for p in tmp_path.iterdir()] == ["events.csv"]  # no partial file left
