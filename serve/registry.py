@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from model.errors import (
 )
 from serve.config import MB, ServeConfig
 from serve.models import ServableModel, load_servable
+
+RETRY_SECONDS = 2.0  # how often a missing startup model is looked for again
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,254}$")
@@ -131,13 +134,16 @@ class ModelRegistry:
         self.default_error: str | None = None
         self.local: dict[str, tuple[str, ServableModel]] = {}
         self._load_lock = _ForkSafeLock()
+        self._last_try = float("-inf")
 
     # ------------------------------------------------------------ startup model
 
     def load_default(self) -> None:
-        """Load --model-dir; a failure is kept (and logged) so /ping can report it."""
+        """Load --model-dir; a failure is kept (and logged) so /ping can report it, and the
+        load is tried again (`_retry_default`) until it succeeds."""
         if self.config.model_dir is None:
             return
+        self._last_try = time.monotonic()
         try:
             self.default = load_servable(
                 self.config.model_dir, self.config.program, self.config.submit_dir
@@ -150,10 +156,24 @@ class ModelRegistry:
             )
         except Exception as exc:  # any failure must surface through /ping, not kill the server
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self.default_error = f"{self.config.model_dir}: {reason}"
-            log.error("model failed to load: %s", self.default_error, exc_info=True)
+            error = f"{self.config.model_dir}: {reason}"
+            if error != self.default_error:  # once per distinct reason, not every retry
+                log.error("model failed to load (retrying): %s", error, exc_info=True)
+            self.default_error = error
+        else:
+            self.default_error = None
+
+    def _retry_default(self) -> None:
+        """A server may start before its model is there (compose, restarts): while the
+        startup model is missing, /ping and requests try loading it again, at most once
+        every RETRY_SECONDS per worker; /ping says 503 with the reason until then."""
+        if self.default is not None or self.config.model_dir is None:
+            return
+        if time.monotonic() - self._last_try >= RETRY_SECONDS:
+            self.load_default()
 
     def ready(self) -> tuple[bool, str]:
+        self._retry_default()
         if self.default_error:
             return False, f"model failed to load: {self.default_error}"
         if self.config.model_dir is not None and self.default is None:
@@ -190,6 +210,7 @@ class ModelRegistry:
                     f"{len(entries)} models are loaded; name one with X-Amzn-SageMaker-Target-Model"
                 )
         if name == self.config.model_name and self.config.model_dir is not None:
+            self._retry_default()
             if self.default is None:
                 ready, reason = self.ready()
                 raise RecsqlError(reason or "model not loaded", status=503)

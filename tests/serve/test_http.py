@@ -197,7 +197,7 @@ def test_top_k_from_a_history(server, recommender) -> None:
         ({"history": [], "top_k": 3}, "non-empty list"),
         ({"history": "1,2", "top_k": 3}, "non-empty list"),
         ({"history": [1, "x"], "top_k": 3}, "integer product ids"),
-        ({"history": [1, 2]}, "needs \"top_k\""),
+        ({"history": [1, 2]}, 'needs "top_k"'),
         ({"history": [[1], [2]], "top_k": 3, "exclude": [[1]]}, "1 lists for 2 users"),
     ],
 )

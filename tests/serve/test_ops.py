@@ -158,3 +158,21 @@ def test_model_that_fails_to_load_fails_ping(model_dir, tmp_path) -> None:
         assert "failed to load" in r.text and "weights" in r.text
         assert srv.post("/invocations", "1,2\n").status_code == 503
         assert "model failed to load" in srv.log()
+
+
+def test_server_started_before_its_model_serves_it_once_it_appears(model_dir, tmp_path) -> None:
+    later = tmp_path / "later"  # not there yet, as in compose when the trainer is still running
+    with running(["--model-dir", str(later), "--workers", "1"], tmp_path) as srv:
+        first = srv.get("/ping")
+        assert first.status_code == 503 and "later" in first.text
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        for f in model_dir.iterdir():
+            (staging / f.name).write_bytes(f.read_bytes())
+        staging.rename(later)  # the model appears whole, as an extracted model.tar.gz would
+        deadline = time.monotonic() + 10
+        while srv.get("/ping").status_code != 200:
+            assert time.monotonic() < deadline, "the model was never loaded"
+            time.sleep(0.2)
+        body = f"{USER_IDS[0]},{PRODUCT_IDS[0]}\n"
+        assert srv.post("/invocations", body).status_code == 200
