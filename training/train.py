@@ -111,7 +111,11 @@ class TrainConfig:
         if min(self.momentum, self.wd, self.threads, self.eval_users, self.patience) < 0:
             raise DataError("momentum, wd, threads, eval_users and patience must be >= 0")
         if self.objective == "softmax" and (self.opt != "adam" or self.update != "lazy"):
-            raise DataError("--objective softmax trains with --opt adam --update lazy")
+            raise DataError(
+                f"--objective softmax (the default) trains with --opt adam --update lazy, not "
+                f"--opt {self.opt} --update {self.update}; for the seed's hyperparameters "
+                "add --objective mse (SageMaker: objective=mse)"
+            )
         if self.objective != "softmax" and self.opt == "adam":
             raise DataError("--opt adam is for --objective softmax; mse and bpr take sgd, adagrad")
 

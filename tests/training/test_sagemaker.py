@@ -63,6 +63,7 @@ def test_hyperparameter_strings_are_json_decoded_or_kept_raw():
 def test_training_config_from_seed_hyperparameters():
     cfg = training_config(
         {
+            "objective": "mse",
             "num_embeddings": "32",
             "opt": "sgd",
             "lr": "0.05",
@@ -77,6 +78,8 @@ def test_training_config_from_seed_hyperparameters():
     assert (cfg.wd, cfg.epochs, cfg.batch_size) == (0.0001, 2, 2048)
     with pytest.raises(DataError, match="unknown hyperparameter 'learning_rate'"):
         training_config({"learning_rate": "0.1"})
+    with pytest.raises(DataError, match="add --objective mse"):
+        training_config({"opt": "sgd"})
 
 
 def test_detect_needs_opt_ml_or_sm_variables(tmp_path):

@@ -228,7 +228,9 @@ def test_device_cuda_without_cuda_is_a_clear_error(planted, monkeypatch):
 
 
 def test_config_validation_and_hyperparameter_coercion():
-    cfg = config_from_dict({"num_embeddings": 32.0, "lr": "0.1", "epochs": 2, "opt": "adagrad"})
+    cfg = config_from_dict(
+        {"objective": "bpr", "num_embeddings": 32.0, "lr": "0.1", "epochs": 2, "opt": "adagrad"}
+    )
     assert (cfg.num_embeddings, cfg.lr, cfg.epochs, cfg.opt) == (32, 0.1, 2, "adagrad")
     with pytest.raises(DataError, match="objective must be one of softmax, mse, bpr"):
         TrainConfig(objective="hinge")
@@ -238,6 +240,12 @@ def test_config_validation_and_hyperparameter_coercion():
         config_from_dict({"epochs": "three"})
     with pytest.raises(DataError, match="dropout"):
         config_from_dict({"dropout": 1.5})
+    # SageMaker sends every hyperparameter as a string
+    assert config_from_dict({"refit": "false", "patience": "0"}).refit is False
+    with pytest.raises(DataError, match="refit must be bool"):
+        config_from_dict({"refit": "maybe"})
+    with pytest.raises(DataError, match="adam is for --objective softmax"):
+        config_from_dict({"objective": "mse", "opt": "adam"})
 
 
 def test_cli_train_on_synthetic_event_files(tmp_path, capsys):
@@ -286,3 +294,28 @@ def test_cli_train_device_cuda_error_exits_1(tmp_path, capsys, monkeypatch):
     assert rc == 1
     assert "no CUDA device" in capsys.readouterr().err
     assert not Path(tmp_path / "m").exists()
+
+
+def test_cli_refuses_abbreviated_options(capsys):
+    # argparse's prefix matching would read --train as --train-mse-rows
+    import recsql_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        recsql_cli.main(["train", "events.csv", "--train", "x"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --train" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recsql_cli.main(["serve", "--model", "x"])  # not --model-dir
+    assert "unrecognized arguments: --model" in capsys.readouterr().err
+
+
+def test_cli_seed_objective_takes_the_seeds_settings():
+    import recsql_cli
+    from training.train import config_from_args
+
+    args = recsql_cli.build_parser().parse_args(["train", "x.csv", "--objective", "mse"])
+    cfg = config_from_args(args)
+    assert (cfg.opt, cfg.lr, cfg.dropout, cfg.epochs, cfg.patience) == ("sgd", 0.02, 0.5, 3, 0)
+    args = recsql_cli.build_parser().parse_args(["train", "x.csv", "--lr", "0.01", "--no-refit"])
+    cfg = config_from_args(args)
+    assert (cfg.objective, cfg.opt, cfg.lr, cfg.refit) == ("softmax", "adam", 0.01, False)
