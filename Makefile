@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml setup.py model/_native.c
 	touch $@
 
 demo: $(STAMP)
+	if [ -n "$${RECSQL_MYSQL_URL:-}" ]; then bash scripts/setup-services.sh; fi
 	$(BIN)/recsql demo
 
-# libcurl headers and MariaDB (127.0.0.1:3306, database `test`) first: scripts/test-services.sh
+# libcurl headers and MariaDB (127.0.0.1:3306, database `test`) first: scripts/setup-services.sh
 test: $(STAMP)
-	bash scripts/test-services.sh
+	bash scripts/setup-services.sh
 	RECSQL_TEST_MYSQL_URL=$${RECSQL_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/test} $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -59,7 +59,7 @@ def _top_k(value: Any) -> int | None:
         return None
     try:
         k = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's -Infinity
         raise BadRequest(f"top_k must be an integer from 1 to {MAX_TOP_K}, not {value!r}") from None
     if isinstance(value, bool) or not 1 <= k <= MAX_TOP_K or str(k) != str(value).strip():
         raise BadRequest(f"top_k must be an integer from 1 to {MAX_TOP_K}, not {value!r}")

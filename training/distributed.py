@@ -415,6 +415,7 @@ def train_distributed(
         return None
     metrics = {
         **run_metrics(cfg, history, ev),
+        "served_model": "validated model (distributed runs do not refit)",
         "distributed": {
             "world_size": world,
             "backend": dist.get_backend(),

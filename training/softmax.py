@@ -12,8 +12,10 @@ corrected by the log of its product's probability of being a candidate, pi_j =
 
 Autograd on the seed's MFBlock (embeddings, Dense+ReLU towers, dropout on both towers, dot
 product). Embedding rows get sparse gradients and a lazy Adam (`torch.optim.SparseAdam`,
-only the rows a batch touched move); weight decay on them is an L2 term on those rows.
-The Dense layers use Adam with decoupled weight decay.
+only the rows a batch touched move); the Dense layers use Adam with decoupled weight decay.
+`wd` is an L2 term on the tower outputs of the batch's users and candidates: on the raw
+embeddings it would not bound the logits (the Dense layers can scale them back up), and
+unbounded logits overfit.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class SoftmaxStep:
         weights = labels / labels.sum()
         loss = (F.cross_entropy(logits, target, reduction="none") * weights).sum()
         objective = loss
-        if cfg.wd:  # L2 on the embedding rows this batch used
-            objective = loss + cfg.wd * ((ue * ue).sum() / len(users) + (ie * ie).sum() / len(rows))
+        if cfg.wd:  # L2 on the tower outputs, whose dot products are the logits
+            objective = loss + cfg.wd * ((a * a).sum() / len(users) + (b * b).sum() / len(rows))
         for opt in self.opts:
             opt.zero_grad(set_to_none=True)
         objective.backward()

@@ -482,13 +482,16 @@ def fit(
             continue
         row.update(epoch_metrics(model, ev, device))
         history.append(row)
+        mse_note = (
+            f", test MSE {row['test_mse']:.4f} (mean predictor {row['mean_mse']:.4f})"
+            if cfg.objective == "mse"
+            else ""
+        )
         log.info(
-            "epoch %d: loss %.4f, test MSE %.4f (mean predictor %.4f), HR@%d %.4f, "
-            "NDCG@%d %.4f, %.0f samples/s",
+            "epoch %d: loss %.4f%s, HR@%d %.4f, NDCG@%d %.4f, %.0f samples/s",
             epoch,
             loss,
-            row["test_mse"],
-            row["mean_mse"],
+            mse_note,
             cfg.k,
             row["hr"],
             cfg.k,

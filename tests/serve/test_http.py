@@ -271,6 +271,7 @@ def test_accept_negotiation(server, accept, content_type, want) -> None:
         ("application/json", '{"user_id": [1]}', {}, 400, "product_id"),
         ("application/json", '{"user_id": [1, 2], "product_id": [1]}', {}, 400, "lengths"),
         ("application/json", '{"user_id": [1], "top_k": 0}', {}, 400, "top_k"),
+        ("application/json", '{"user_id": [1], "top_k": -Infinity}', {}, 400, "top_k"),
         ("text/csv", "1,2\n", {"X-Amzn-SageMaker-Custom-Attributes": "fallback=x"}, 400, "null"),
         ("application/x-npy", "not npy", {}, 400, "npy"),
     ],

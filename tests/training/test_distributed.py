@@ -32,13 +32,22 @@ from training.distributed import (
     run_training,
     sagemaker_plan,
 )
-from training.train import TrainConfig, train
+from training.train import make_config, train
 
 from .test_train import planted_events
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = TrainConfig(
-    epochs=3, batch_size=256, num_embeddings=16, eval_users=0, device="cpu", threads=1
+BASE = make_config(
+    {
+        "objective": "mse",
+        "epochs": 3,
+        "batch_size": 256,
+        "num_embeddings": 16,
+        "eval_users": 0,
+        "device": "cpu",
+        "threads": 1,
+        "refit": False,  # distributed runs serve the validated model; compare like with like
+    }
 )  # the seed's sgd + momentum 0.9 and dropout 0.5
 
 
@@ -162,6 +171,8 @@ def test_torchrun_runs_the_train_command_on_two_workers(planted, tmp_path):
         str(tmp_path / "prepared"),
         "--model-dir",
         str(tmp_path / "model"),
+        "--objective",
+        "mse",
         "--epochs",
         "1",
         "--num-embeddings",
@@ -230,3 +241,8 @@ def test_local_plans_torchrun_detection_and_refusals(planted, tmp_path):
         run_training(replace(BASE, update="dense"), planted, tmp_path, nproc=2, environ={})
     with pytest.raises(DataError, match="MASTER_PORT"):
         launch(LaunchPlan(2, 0, 1, "algo-1", 0, "gloo"), BASE, planted, tmp_path)
+
+
+def test_softmax_is_refused_on_several_processes_with_the_way_out(planted, tmp_path):
+    with pytest.raises(DataError, match="--nproc 1"):
+        run_training(make_config({"device": "cpu"}), planted, tmp_path, nproc=2, environ={})

@@ -118,7 +118,7 @@ def test_training_job_success_writes_the_artifact(tmp_path, monkeypatch):
     "hps,reason",
     [
         ({"epochs": "0"}, "epochs must be > 0"),
-        ({"objective": "hinge"}, "objective must be one of mse, bpr"),
+        ({"objective": "hinge"}, "objective must be one of softmax, mse, bpr"),
         ({"num_embedings": "8"}, "unknown hyperparameter 'num_embedings'"),
     ],
 )

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# What `make test` needs outside the venv, set up when missing (run by `make test` and `make demo`):
+# What `make test` (and `make demo` on MySQL) needs outside the venv, set up when missing:
 #   - libcurl's headers, which the MariaDB/MySQL loadable function (db/udf) builds against;
 #   - MariaDB on 127.0.0.1:3306 (root, empty password) with the database `test`.
 # Installs with apt-get when root; otherwise says which package or command is missing.
 set -euo pipefail
 
-say() { printf 'test-services: %s\n' "$*" >&2; }
+say() { printf 'setup-services: %s\n' "$*" >&2; }
 
 have_curl_headers() {
     pkg-config --exists libcurl 2>/dev/null ||
