@@ -81,7 +81,7 @@ class TrainConfig:
     opt: str = "adam"
     lr: float = 0.003
     momentum: float = 0.9
-    wd: float = 0.003
+    wd: float = 0.03  # softmax: L2 on the tower outputs (bounds the logits); mse, bpr: weights
     update: str = "lazy"  # "lazy": fused sparse rows; "dense": the seed's dense update
     epochs: int = 20  # at most: early stopping on the held-out events ends sooner
     patience: int = 3  # epochs without a better held-out score before stopping; 0 = never
