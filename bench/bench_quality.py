@@ -223,15 +223,21 @@ def history_path(split: Split, share: float = 0.2, seed: int = 0) -> list[dict]:
     histories = [
         d.product_ids[seen.items[seen.indptr[u] : seen.indptr[u + 1]]] for u in d.test_users[rows]
     ]
+    unknown = 0
     for label, steps in (("history, solver", FOLD_IN_STEPS), ("history, mean of items", 0)):
         start = time.perf_counter()
-        vectors = np.array([partial.fold_in(h, steps=steps).vector for h in histories])
+        folded = [partial.fold_in(h, steps=steps) for h in histories]
         per_user = (time.perf_counter() - start) / len(histories)
+        # a history of products only left-out users had: the mean user (the server would
+        # answer with the popularity ranking)
+        unknown = sum(f is None for f in folded)
+        vectors = np.array([partial.mean_user_vector if f is None else f.vector for f in folded])
         m = split.evaluate(vectors, item_vectors_of(split, partial), rows)
         out.append({"path": label, **m, "s": per_user})
     print(
         f"\n{len(rows)} test users left out of training ({share:.0%}),"
-        f" trained in {seconds:.1f} s:\n"
+        f" trained in {seconds:.1f} s; {unknown} whose history the model knows nothing of"
+        " are ranked as its mean user:\n"
     )
     print("| path | HR@10 | NDCG@10 | recall@20 | fold-in ms/user |")
     print("|---|---|---|---|---|")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.events import PreparedEvents, is_prepared_dir, prepare_events  # noqa: E402
 from training.synth import SynthConfig, write_synthetic  # noqa: E402
-from training.train import TrainConfig, train  # noqa: E402
+from training.train import TrainConfig, make_config, train  # noqa: E402
 
 
 def prepared_data(events: int, seed: int, cache: Path | None) -> PreparedEvents:
@@ -68,12 +68,19 @@ def main() -> int:
     if args.quick:
         args.events, args.runs = min(args.events, 200_000), 1
     data = prepared_data(args.events, 0, args.cache)
-    base = TrainConfig(
-        epochs=args.epochs, device="cpu", threads=args.threads, eval_users=args.eval_users
+    base = make_config(  # the seed's objective and settings: the step's speed, not ranking
+        {
+            "objective": "mse",
+            "epochs": args.epochs,
+            "device": "cpu",
+            "threads": args.threads,
+            "eval_users": args.eval_users,
+            "refit": False,
+        }
     )
     rows = [
         ("seed baseline (init seed, dense update)", replace(base, init="seed", update="dense")),
-        ("recsql default (init normal, fused step)", base),
+        ("recsql mse (init normal, fused step)", base),
         ("recsql, init seed (fused step)", replace(base, init="seed")),
         ("recsql BPR (init normal, fused step)", replace(base, objective="bpr")),
     ]

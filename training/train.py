@@ -171,6 +171,24 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     raise DataError(f"hyperparameter {name} must be {kind.__name__}, not {value!r}")
 
 
+FIELD_HELP = {
+    "objective": "softmax: rank the event's product over the catalogue (default); mse: the "
+    "seed's regression on event weights; bpr: pairwise ranking",
+    "temperature": "softmax: logits are scores / temperature",
+    "negatives": "sampled softmax: uniform negatives shared by a batch",
+    "full_softmax_items": "softmax over every item up to this many items, sampled above",
+    "recency": "softmax: an event's weight halves every N later events of its user; 0 = off",
+    "wd": "weight decay (softmax: L2 on the tower outputs)",
+    "epochs": "most epochs (early stopping may end sooner)",
+    "patience": "stop after N epochs without a better held-out score; 0 = never",
+    "refit": "after validating, retrain on every event for the best epoch count and serve that",
+    "dropout": "dropout on both towers' outputs while training",
+    "eval_users": "held-out users ranked each epoch for HR/NDCG; 0 = all",
+    "min_events": "users and products with fewer events are dropped (raw event files)",
+    "threads": "torch CPU threads while training; 0 = auto",
+}
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     seed = ", ".join(f"{k} {v}" for k, v in SEED_DEFAULTS.items())
     for f in dataclasses.fields(TrainConfig):
@@ -178,6 +196,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         shown = f"(default {f.default}" + (
             f"; mse, bpr: {SEED_DEFAULTS[f.name]})" if f.name in SEED_DEFAULTS else ")"
         )
+        if f.name in FIELD_HELP:
+            shown = f"{FIELD_HELP[f.name]} {shown}"
         if FIELD_TYPES[f.name] is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
             continue
