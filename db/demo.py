@@ -32,7 +32,7 @@ from db.score import ScoreOptions, score_duckdb
 from model.errors import RecsqlError
 
 # `recsql train` defaults (softmax, early stopping, refit) but capped so the demo stays quick
-TRAIN_FLAGS = ["--epochs", "4"]
+TRAIN_FLAGS = ["--epochs", "2"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
