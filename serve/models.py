@@ -71,37 +71,36 @@ def _counts(ok: np.ndarray, scores: np.ndarray, fallback: np.ndarray | None) -> 
     }
 
 
-def _per_user(value: Any, n_users: int, what: str) -> list[np.ndarray | None]:
-    """`candidates`/`exclude`: one list for every user, or one list per user."""
-    if value is None:
-        return [None] * n_users
+def _id_lists(value: Any, what: str) -> list[np.ndarray]:
+    """`candidates`/`exclude`/`history`: one list of product ids, or one list per user."""
     if not isinstance(value, list):
         raise BadRequest(f'"{what}" must be a list of product ids (or one list per user)')
-    if value and all(isinstance(v, list) for v in value):
-        if len(value) != n_users:
-            raise BadRequest(f'"{what}" has {len(value)} lists for {n_users} users')
-        lists = value
-    else:
-        lists = [value] * n_users
-    out: list[np.ndarray | None] = []
+    lists = value if value and all(isinstance(v, list) for v in value) else [value]
     for ids in lists:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
             raise BadRequest(f'"{what}" must hold integer product ids')
-        out.append(np.array(ids, dtype=np.int64))
-    return out
+        if any(not -(2**63) <= v < 2**63 for v in ids):
+            raise BadRequest(f'"{what}" product ids must fit in 64 bits')
+    return [np.array(ids, dtype=np.int64) for ids in lists]
+
+
+def _per_user(value: Any, n_users: int, what: str) -> list[np.ndarray | None]:
+    """`candidates`/`exclude` for each of n_users: one list for all, or one list each."""
+    if value is None:
+        return [None] * n_users
+    lists: list[np.ndarray | None] = list(_id_lists(value, what))
+    if len(lists) == 1 and not (value and isinstance(value[0], list)):
+        return lists * n_users
+    if len(lists) != n_users:
+        raise BadRequest(f'"{what}" has {len(lists)} lists for {n_users} users')
+    return lists
 
 
 def _histories(value: Any) -> list[np.ndarray]:
-    """`history`: one list of product ids (one user), or one list per user."""
+    """`history`: one list of product ids (one user, oldest first), or one list per user."""
     if not isinstance(value, list) or not value:
         raise BadRequest('"history" must be a non-empty list of product ids (or one list per user)')
-    lists = value if all(isinstance(v, list) for v in value) else [value]
-    for ids in lists:
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
-            raise BadRequest('"history" must hold integer product ids, oldest first')
-        if any(not -(2**63) <= v < 2**63 for v in ids):
-            raise BadRequest('"history" product ids must fit in 64 bits')
-    return [np.array(ids, dtype=np.int64) for ids in lists]
+    return _id_lists(value, "history")
 
 
 class RecommenderModel(ServableModel):

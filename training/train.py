@@ -682,8 +682,8 @@ def run_epoch(
 
 def _loop_threads(cfg: TrainConfig, default: int) -> int:
     """One thread for the fused step at small batches: its ops are ~100k floats, too small
-        to split, and on a busy machine idle-waiting threads cost 10x (measured: 680k vs 50k
-        samples/s on 2 shared cores). Bigger batches, the dense update and the softmax step (one
+    to split, and on a busy machine idle-waiting threads cost 10x (measured: 680k vs 50k
+    samples/s on 2 shared cores). Bigger batches, the dense update and the softmax step (one
     batch x candidates matrix product) use every core."""
     if cfg.threads:
         return cfg.threads
