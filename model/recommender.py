@@ -29,6 +29,35 @@ FOLD_IN_STEPS = 10  # L-BFGS-B iterations for a history's user vector
 FOLD_IN_PRIOR = 0.1  # strength of the pull towards the mean user vector
 
 
+def best_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the `k` largest finite scores, best first.
+
+    One pass over the scores instead of a partition of all of them: the k-th best of a
+    strided sample is a lower bound on the k-th best overall, so every winner scores at
+    least that, and only the few that do are partitioned. A full partition when the
+    sample holds fewer than k finite scores (most of the catalogue excluded).
+    """
+    n = len(scores)
+    if k <= 0 or n == 0:
+        return np.empty(0, np.int64)
+    stride = int(np.sqrt(n / k))  # sample and survivors both about sqrt(n k)
+    if stride >= 2:
+        sample = scores[::stride]
+        if len(sample) > k:
+            bound = np.partition(sample, len(sample) - k)[len(sample) - k]
+            if np.isfinite(bound):
+                pool = np.flatnonzero(scores >= bound)
+                return pool[_best_first(scores[pool], k)]
+    pool = np.flatnonzero(np.isfinite(scores))
+    return pool[_best_first(scores[pool], k)]
+
+
+def _best_first(scores: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, len(scores))
+    part = np.argpartition(-scores, k - 1)[:k] if 0 < k < len(scores) else np.arange(k)
+    return part[np.argsort(-scores[part], kind="stable")]
+
+
 @dataclass(frozen=True)
 class FoldIn:
     """A user vector folded in from history: the vector, its log normaliser, items used."""
@@ -254,11 +283,7 @@ class Recommender:
                 scores[ex] = -np.inf
             else:
                 scores[np.isin(item_rows, ex)] = -np.inf
-        k = min(k, int(np.isfinite(scores).sum()))
-        if k == 0:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
-        best = np.argpartition(-scores, k - 1)[:k]
-        best = best[np.argsort(-scores[best], kind="stable")]
+        best = best_k(scores, k)
         rows = best if item_rows is None else item_rows[best]
         top = scores[best].astype(np.float32)
         if log_normalizer is not None:

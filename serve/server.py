@@ -5,17 +5,30 @@ every worker (and every replacement worker) shares the loaded arrays and
 /ping is healthy from a worker's first request. Workers are gevent by
 default: sync workers close every connection, which halves throughput for
 clients that keep connections alive (Aurora, the SageMaker front end).
+
+Keep-alive connections stay with the worker that accepted them, and every
+worker is woken for each new connection: left alone, the first awake takes a
+whole burst (8 clients connecting at once all landed on one of two workers).
+So a worker accepts only while it holds no more open connections than the
+least loaded one (`ConnectionShares`); the listening socket, port and SIGTERM
+drain stay gunicorn's.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import shutil
 import tempfile
+import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from gevent.pool import Pool
+from gevent.server import StreamServer
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.ggevent import GeventWorker
 
@@ -41,6 +54,54 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return self._app
 
 
+class ConnectionShares:
+    """Open connections per worker slot, in memory the master shares with the workers it forks.
+
+    The master gives each worker a free slot before forking it and marks a dead worker's
+    slot full until its replacement starts; a worker publishes its own count and accepts
+    while `may_accept`, i.e. while no worker holds fewer connections than it does.
+    """
+
+    GONE = 2**31 - 1  # a dead worker's slot: never the least loaded
+
+    def __init__(self, workers: int) -> None:
+        self.counts = multiprocessing.RawArray(ctypes.c_int32, workers)
+        self.counts[:] = [self.GONE] * workers
+
+    def free_slot(self, taken: set[int]) -> int:
+        return next(i for i in range(len(self.counts)) if i not in taken)
+
+    def may_accept(self, slot: int, open_connections: int) -> bool:
+        self.counts[slot] = open_connections
+        return open_connections <= min(self.counts)
+
+
+def _assign_slot(shares: ConnectionShares) -> Any:
+    def pre_fork(server: Any, worker: Any) -> None:  # in the master, before each fork
+        worker.shares = shares
+        worker.slot = shares.free_slot({w.slot for w in server.WORKERS.values()})
+        shares.counts[worker.slot] = 0
+
+    return pre_fork
+
+
+def _release_slot(server: Any, worker: Any) -> None:  # in the master, when a worker exits
+    worker.shares.counts[worker.slot] = ConnectionShares.GONE
+
+
+class _BalancedServer(StreamServer):  # type: ignore[misc]
+    """gevent's StreamServer that re-checks its worker's share after each accept."""
+
+    def __init__(self, *args: Any, worker: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.worker = worker
+        self.max_accept = 1  # one connection per wake-up, then the share is checked
+
+    def do_handle(self, *args: Any) -> None:
+        super().do_handle(*args)
+        self.worker.balance()
+
+
 class DrainingGeventWorker(GeventWorker):  # type: ignore[misc]
     """gevent worker that closes idle keep-alive connections on SIGTERM.
 
@@ -55,6 +116,53 @@ class DrainingGeventWorker(GeventWorker):  # type: ignore[misc]
     def init_process(self) -> None:
         self._connections: dict[Any, bool] = {}  # socket -> busy
         super().init_process()
+
+    def run(self) -> None:
+        """gunicorn's gevent loop, with servers that keep this worker to its share."""
+        import gevent
+
+        self._servers = []
+        for sock in self.sockets:
+            sock.setblocking(1)
+            server = _BalancedServer(
+                sock,
+                handle=partial(self.handle, sock),
+                spawn=Pool(self.worker_connections),
+                worker=self,
+            )
+            server.start()
+            self._servers.append(server)
+        gevent.spawn(self._rebalance)
+        while self.alive:
+            self.notify()
+            gevent.sleep(1.0)
+        for server in self._servers:
+            server.close()  # stop accepting; the open connections finish (see handle_exit)
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while any(len(s.pool) for s in self._servers) and time.monotonic() < deadline:
+            self.notify()
+            gevent.sleep(0.1)
+        for server in self._servers:
+            server.stop(timeout=1)
+
+    def balance(self) -> None:
+        """Accept new connections only while no worker holds fewer than this one."""
+        if not self.alive or not hasattr(self, "shares"):
+            return
+        open_connections = sum(len(s.pool) for s in self._servers)
+        accept = self.shares.may_accept(self.slot, open_connections)
+        for server in self._servers:
+            if accept:
+                server.start_accepting()
+            else:
+                server.stop_accepting()
+
+    def _rebalance(self) -> None:  # other workers' counts change too
+        import gevent
+
+        while self.alive:
+            self.balance()
+            gevent.sleep(REBALANCE_SECONDS)
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         self._connections[client] = False
@@ -95,6 +203,7 @@ class DrainingGeventWorker(GeventWorker):  # type: ignore[misc]
             gevent.sleep(0.1)
 
 
+REBALANCE_SECONDS = 0.01  # how often a worker re-reads the others' connection counts
 _WORKER_CLASSES = {"gevent": f"{__name__}.DrainingGeventWorker"}
 
 
@@ -126,6 +235,10 @@ def gunicorn_options(config: ServeConfig) -> dict[str, Any]:
         "proc_name": "recsql-serve",
         "control_socket_disable": True,  # several servers per host (tests) must not clash
     }
+    if config.workers > 1 and config.worker_class == "gevent":
+        shares = ConnectionShares(config.workers)
+        options["pre_fork"] = _assign_slot(shares)
+        options["child_exit"] = _release_slot
     if Path("/dev/shm").is_dir():
         options["worker_tmp_dir"] = "/dev/shm"  # heartbeat files off slow container disks
     return options

@@ -119,6 +119,47 @@ def test_dead_worker_is_replaced(server) -> None:
         assert r.status_code == 200 and r.text.strip()
 
 
+def test_keep_alive_clients_spread_over_workers(model_dir, tmp_path) -> None:
+    """8 clients connecting at once: neither of 2 workers serves more than 65% of requests
+    (unbalanced, the first worker awake took every connection of such a burst)."""
+    import http.client
+
+    body = f"{USER_IDS[0]},{PRODUCT_IDS[0]}\n"
+
+    def client(conn: http.client.HTTPConnection) -> None:
+        for _ in range(40):
+            conn.request("POST", "/invocations", body, {"Content-Type": "text/csv"})
+            assert conn.getresponse().read()
+        conn.close()
+
+    with running(["--model-dir", str(model_dir), "--workers", "2"], tmp_path) as srv:
+        time.sleep(1.0)  # both workers up
+        connections = [http.client.HTTPConnection("127.0.0.1", srv.port) for _ in range(8)]
+        for conn in connections:  # one burst, as a load generator opens them
+            conn.connect()
+        threads = [threading.Thread(target=client, args=(c,)) for c in connections]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        pids = re.findall(r"invocations model=\S+ status=200 .* pid=(\d+)", srv.log())
+    assert len(pids) == 320
+    busiest = max(pids.count(p) for p in set(pids))
+    assert busiest / len(pids) <= 0.65, {p: pids.count(p) for p in set(pids)}
+
+
+def test_connection_shares_let_only_the_least_loaded_accept() -> None:
+    from serve.server import ConnectionShares
+
+    shares = ConnectionShares(3)
+    assert shares.free_slot({0, 2}) == 1
+    shares.counts[:] = [0, 0, ConnectionShares.GONE]  # slot 2: a dead worker
+    assert shares.may_accept(0, 1) is False  # 1 open while slot 1 has none
+    assert shares.may_accept(1, 1) is True
+    assert shares.may_accept(0, 1) is True  # now level
+    assert shares.may_accept(1, 0) is True
+
+
 def test_sigterm_drains_in_flight_requests(model_dir, tmp_path) -> None:
     served = script_dir(model_dir, tmp_path, SEED_STYLE)
     with running(["--model-dir", str(served), "--workers", "1"], tmp_path) as srv:
