@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.recommender import IdIndex, Recommender, relu_tower
+from model.recommender import IdIndex, Recommender, best_k, relu_tower
 
 # --- IdIndex ----------------------------------------------------------------------------------
 
@@ -105,6 +105,35 @@ def test_top_k_is_the_best_k_in_order() -> None:
         np.testing.assert_allclose(scores, sorted(truth.values(), reverse=True)[:3], rtol=1e-6)
         np.testing.assert_allclose(scores, [truth[i] for i in ids.tolist()], rtol=1e-6)
         assert len(set(ids.tolist())) == 3
+
+
+@pytest.mark.parametrize("n", [1, 7, 100, 5_000, 200_003])
+@pytest.mark.parametrize("k", [1, 10, 333])
+def test_best_k_matches_a_full_sort(n: int, k: int) -> None:
+    rng = np.random.default_rng(n + k)
+    scores = rng.normal(size=n).astype(np.float32)
+    scores[rng.random(n) < 0.3] = -np.inf  # excluded items
+    finite = np.flatnonzero(np.isfinite(scores))
+    want = finite[np.argsort(-scores[finite], kind="stable")][:k]
+    got = best_k(scores, k)
+    np.testing.assert_array_equal(scores[got], scores[want])  # same scores, best first
+    assert len(set(got.tolist())) == len(got) and np.isfinite(scores[got]).all()
+
+
+def test_best_k_when_almost_everything_is_excluded() -> None:
+    scores = np.full(100_000, -np.inf, np.float32)
+    scores[[5, 70_000, 99_999]] = [1.0, 3.0, 2.0]
+    np.testing.assert_array_equal(best_k(scores, 10), [70_000, 99_999, 5])
+    assert len(best_k(np.full(10, -np.inf, np.float32), 3)) == 0
+    assert len(best_k(np.ones(10, np.float32), 0)) == 0
+
+
+def test_best_k_with_many_ties_returns_k_distinct_positions() -> None:
+    scores = np.zeros(50_000, np.float32)
+    scores[::1000] = 1.0
+    got = best_k(scores, 60)
+    assert len(set(got.tolist())) == 60
+    assert (scores[got[:50]] == 1.0).all() and (scores[got[50:]] == 0.0).all()
 
 
 def test_top_k_larger_than_catalogue_returns_everything() -> None:
