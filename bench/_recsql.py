@@ -39,8 +39,9 @@ def random_mfblock(
 
 
 @contextlib.contextmanager
-def serving(model_dir: Path, workers: int, log: Path) -> Iterator[str]:
-    """`recsql serve` on a free loopback port; yields its URL once every worker is up."""
+def serving(model_dir: Path, workers: int, log: Path, log_level: str = "WARNING") -> Iterator[str]:
+    """`recsql serve` on a free loopback port; yields its URL once every worker is up.
+    `log_level` WARNING (the default here) drops the one INFO line per request."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -52,7 +53,7 @@ def serving(model_dir: Path, workers: int, log: Path) -> Iterator[str]:
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "RECSQL_LOG_LEVEL": "WARNING"},
+            env={**os.environ, "PYTHONPATH": str(ROOT), "RECSQL_LOG_LEVEL": log_level},
         )
     try:
         deadline = time.monotonic() + 120

@@ -6,11 +6,15 @@
   10,000 pairs) through the plain handler `DataPlane.invoke`. Targets:
   <= 0.2 ms for 1 pair, <= 1 ms for 1,000 (the seed's hosting code took
   15-17 ms and 17-21 ms).
-- HTTP: single-pair POST /invocations over keep-alive connections against
-  `python -m serve --workers N` (gevent), with `wrk` when installed, else a
-  Python http.client loop in several processes. Target: >= 4,000 requests/s
-  on 2 cores. The client shares the machine's cores with the server.
-- Top-K: best 10 of 200,000 products for one user. Target: <= 5 ms.
+- HTTP: a recording client (one Python process per keep-alive connection, every
+  request timed, so the percentiles hold no estimated samples) against
+  `python -m serve --workers N` (gevent): `/ping` as the same-run baseline, 1 pair
+  at 1 and 8 connections, 1,000 pairs at 4, top-10 at 1 and 8; then 1 pair at 8
+  with the INFO line per request on (its cost; the busiest worker's share of the
+  requests). Targets: p99 <= 3x p50; no worker above 65%. The clients share the
+  machine's 2 cores with the server: compare each row with `/ping`.
+- Top-K: best 10 of 200,000 products for one user. Target: <= 5 ms. Beside
+  implicit's `recommend` on the same factors (200k and 2M items), interleaved.
 
 Model: random MFBlock weights, 64 dimensions, 200,000 products, 100,000 users.
 Prints a markdown section; figures are medians of repeated runs.
@@ -23,9 +27,7 @@ import http.client
 import json
 import multiprocessing
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,77 +98,113 @@ def top_k(model_dir: Path, user_ids, quick: bool) -> list[str]:
     return out
 
 
-def _wrk(port: int, body: bytes, connections: int, seconds: int) -> tuple[float, float, float]:
-    script = Path(tempfile.mkstemp(suffix=".lua")[1])
-    script.write_text(
-        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "text/csv"\n'
-        f"wrk.body = {json.dumps(body.decode())}\n"
-    )
-    out = subprocess.run(
-        [
-            "wrk",
-            f"-t{min(2, connections)}",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--latency",
-            "-s",
-            str(script),
-            f"http://127.0.0.1:{port}/invocations",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    script.unlink()
+def top_k_vs_implicit(quick: bool) -> list[str]:
+    """Recommender.top_k beside implicit's `recommend` on the same factors, interleaved user
+    by user (implicit is a bench extra: `pip install implicit`); top-10 ids compared."""
+    try:
+        from implicit.cpu.als import AlternatingLeastSquares
+    except ImportError:
+        return ["(implicit not installed: `make bench` installs it; top-K comparison skipped)"]
+    from model.recommender import IdIndex, Recommender
 
-    def ms(label: str) -> float:
-        value, unit = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out).groups()
-        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
-
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    return rps, ms("50"), ms("99")
-
-
-def _client(args: tuple[int, bytes, float]) -> list[float]:
-    port, body, until = args
-    conn = http.client.HTTPConnection("127.0.0.1", port)
-    headers = {"Content-Type": "text/csv"}
-    out = []
-    while time.monotonic() < until:
-        start = time.perf_counter()
-        conn.request("POST", "/invocations", body, headers)
-        response = conn.getresponse()
-        response.read()
-        out.append(time.perf_counter() - start)
+    out = [
+        "| top-10 of | recsql Recommender.top_k ms | implicit recommend ms | ratio | same ids |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    rng = np.random.default_rng(0)
+    for n_items in (200_000, 2_000_000):
+        n_users = 1_000
+        uv = np.maximum(rng.normal(size=(n_users, 64)), 0).astype(np.float32)
+        iv = np.maximum(rng.normal(size=(n_items, 64)), 0).astype(np.float32)
+        rec = Recommender(uv, iv, IdIndex(np.arange(n_users)), IdIndex(np.arange(n_items)))
+        als = AlternatingLeastSquares(factors=64)
+        als.user_factors, als.item_factors = uv, iv
+        ours, theirs, same = [], [], 0
+        users = range(0, n_users, 20 if quick else 5)
+        for u in users:
+            t = time.perf_counter()
+            a, _ = rec.top_k(u, 10)
+            ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            b, _ = als.recommend(u, None, N=10, filter_already_liked_items=False)
+            theirs.append(time.perf_counter() - t)
+            same += int(np.array_equal(a, b))
+        mo, mt = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
+        out.append(f"| {n_items:,} | {mo:.3f} | {mt:.3f} | {mt / mo:.2f}x | {same}/{len(users)} |")
     return out
 
 
-def _python_client(port: int, body: bytes, connections: int, seconds: int):
+def _client(args: tuple) -> list[float]:
+    """One keep-alive connection: requests until `until`, every request's seconds recorded."""
+    port, method, path, body, content_type, until = args
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    headers = {"Content-Type": content_type} if body else {}
+    out = []
+    while time.monotonic() < until:
+        start = time.perf_counter()
+        conn.request(method, path, body, headers)
+        response = conn.getresponse()
+        response.read()
+        out.append(time.perf_counter() - start)
+        if response.status != 200:
+            raise RuntimeError(f"{method} {path} -> {response.status}")
+    return out
+
+
+def recorded(port: int, request: tuple, connections: int, seconds: float) -> dict[str, float]:
+    """`connections` client processes, one keep-alive connection each; every request timed
+    (no estimated samples). The clients share the machine's cores with the server."""
     until = time.monotonic() + seconds
     with multiprocessing.Pool(connections) as pool:
-        times = sorted(
-            t for part in pool.map(_client, [(port, body, until)] * connections) for t in part
-        )
-    return len(times) / seconds, times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3
+        parts = pool.map(_client, [(port, *request, until)] * connections)
+    times = np.sort(np.concatenate([np.asarray(p) for p in parts])) * 1e3
+    p50, p99 = float(np.percentile(times, 50)), float(np.percentile(times, 99))
+    return {"rps": len(times) / seconds, "p50": p50, "p99": p99, "max": float(times[-1])}
+
+
+def _row(label: str, connections: int, m: dict[str, float], note: str = "") -> str:
+    return (
+        f"| {label} | {connections} | {m['rps']:,.0f} | {m['p50']:.2f} | {m['p99']:.2f} |"
+        f" {m['p99'] / m['p50']:.1f} | {m['max']:.1f} |{note}"
+    )
+
+
+def _worker_shares(log: Path) -> str:
+    pids = re.findall(r"invocations .* pid=(\d+)", log.read_text(errors="replace"))
+    counts = sorted((pids.count(p) for p in set(pids)), reverse=True)
+    return f" busiest worker {counts[0] / max(len(pids), 1):.0%}" if counts else ""
 
 
 def http_bench(model_dir: Path, user_ids, item_ids, workers: int, seconds: int) -> list[str]:
-    body = csv_body(user_ids, item_ids, 1)
-    tool = "wrk" if shutil.which("wrk") else "python http.client"
+    """Every request recorded; `/ping` on the same server is the baseline of each run."""
+    one = ("POST", "/invocations", csv_body(user_ids, item_ids, 1), "text/csv")
+    thousand = ("POST", "/invocations", csv_body(user_ids, item_ids, 1_000), "text/csv")
+    top = json.dumps({"user_id": int(user_ids[0]), "top_k": 10}).encode()
+    top10 = ("POST", "/invocations", top, "application/json")
+    ping = ("GET", "/ping", b"", "")
+    rows = [
+        f"{workers} gevent workers, keep-alive; client: one Python process per connection,"
+        " every request recorded, on the same 2 cores.",
+        "",
+        "| request | connections | requests/s | p50 ms | p99 ms | p99/p50 | max ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         with serving(model_dir, workers, Path(tmp) / "server.log") as url:
             port = urlsplit(url).port
-            rows = [
-                f"Single-pair POST /invocations, {workers} gevent workers, keep-alive,"
-                f" client: {tool}",
-                "",
-                "| connections | requests/s | p50 ms | p99 ms |",
-                "|---:|---:|---:|---:|",
-            ]
-            for connections in (1, 8, 32):
-                run = _wrk if tool == "wrk" else _python_client
-                rps, p50, p99 = run(port, body, connections, seconds)
-                rows.append(f"| {connections} | {rps:,.0f} | {p50:.2f} | {p99:.2f} |")
+            for label, request, connections in (
+                ("GET /ping (baseline)", ping, 8),
+                ("1 pair, CSV", one, 1),
+                ("1 pair, CSV", one, 8),
+                ("1,000 pairs, CSV", thousand, 4),
+                ("top-10 of 200,000, JSON", top10, 1),
+                ("top-10 of 200,000, JSON", top10, 8),
+            ):
+                rows.append(_row(label, connections, recorded(port, request, connections, seconds)))
+        log = Path(tmp) / "info.log"
+        with serving(model_dir, workers, log, log_level="INFO") as url:
+            m = recorded(urlsplit(url).port, one, 8, seconds)
+            rows.append(_row("1 pair, CSV, INFO line per request", 8, m, _worker_shares(log)))
     return rows
 
 
@@ -190,6 +228,7 @@ def main() -> int:
             "",
         ]
         sections += [*top_k(model_dir, user_ids, args.quick), ""]
+        sections += [*top_k_vs_implicit(args.quick), ""]
         sections += http_bench(model_dir, user_ids, item_ids, args.workers, seconds)
     print("\n".join(sections))
     return 0

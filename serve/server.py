@@ -17,6 +17,7 @@ drain stay gunicorn's.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import multiprocessing
 import shutil
@@ -251,6 +252,10 @@ def run(config: ServeConfig) -> int:
         config = replace(config, state_dir=Path(tempfile.mkdtemp(prefix="recsql-serve-")))
     try:
         app = create_app(build_dataplane(config))
+        # Everything loaded so far lives as long as the server: keep it out of the cyclic
+        # collector, whose full passes over it were multi-millisecond pauses in the
+        # workers (and whose writes to it undo copy-on-write sharing after the fork).
+        gc.freeze()
         log.info(
             "serving on http://%s:%d with %d %s worker(s)",
             config.host,
