@@ -34,6 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("null", "mean", "popularity"),
         help="score for unknown ids (default null: empty output)",
     )
+    p.add_argument(
+        "--log-every",
+        type=int,
+        metavar="N",
+        help="one request log line per N successful invocations; failures always "
+        "(default 1, or RECSQL_LOG_EVERY; RECSQL_LOG_LEVEL=WARNING drops them all)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -54,6 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         multi_model=args.multi_model,
         model_root=args.model_root,
         fallback=args.fallback,
+        log_every=args.log_every,
     )
     if config.model_dir is None and not config.multi_model:
         raise RecsqlError("give --model-dir DIR (or --multi-model to load models via /models)")

@@ -49,6 +49,7 @@ class ServeConfig:
     submit_dir: Path | None = None
     state_dir: Path | None = None  # shared by workers: model registry and metrics files
     log_level: str = "INFO"
+    log_every: int = 1  # one request line per this many successful invocations (errors: all)
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACK_POLICIES:
@@ -59,6 +60,8 @@ class ServeConfig:
             raise RecsqlError(f"tabular output {self.tabular_output!r} unknown; use {choices}")
         if self.workers < 1:
             raise RecsqlError(f"workers must be >= 1, not {self.workers}")
+        if self.log_every < 1:
+            raise RecsqlError(f"log_every must be >= 1, not {self.log_every}")
         if self.max_payload_bytes < 1:
             raise RecsqlError("the payload limit must be positive")
 
@@ -136,6 +139,7 @@ def from_env(
         "log_level": (
             env.get("SAGEMAKER_CONTAINER_LOG_LEVEL") or env.get("RECSQL_LOG_LEVEL") or "INFO"
         ),
+        "log_every": _int(env, "RECSQL_LOG_EVERY", 1),
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     return ServeConfig(**values)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from model.errors import BadRequest, PayloadTooLarge
+from model.errors import BadRequest, PayloadTooLarge, RecsqlError
 from serve import DataPlane, Invocation, build_dataplane, from_env
 from serve.handlers import parse_attributes
 from tests.serve.conftest import PRODUCT_IDS, USER_IDS
@@ -82,3 +82,19 @@ def test_metrics_render_in_process(plane) -> None:
 def test_parse_attributes() -> None:
     assert parse_attributes("fallback=mean; top_k=5,junk,=x") == {"fallback": "mean", "top_k": "5"}
     assert parse_attributes(None) == {}
+
+
+def test_log_every_samples_successes_and_keeps_every_failure(model_dir, caplog) -> None:
+    plane = build_dataplane(from_env({"RECSQL_LOG_EVERY": "3"}, model_dir=model_dir))
+    good = Invocation(f"{USER_IDS[0]},{PRODUCT_IDS[0]}\n".encode(), "text/csv")
+    with caplog.at_level("INFO", logger="recsql.serve"):
+        for _ in range(7):
+            plane.invoke(good)
+        with pytest.raises(RecsqlError):
+            plane.invoke(Invocation(b"1,2\n", "text/plain"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("invocations")]
+    assert [line.split()[2] for line in lines] == ["status=200"] * 3 + ["status=415"]
+    with pytest.raises(Exception, match="RECSQL_LOG_EVERY"):
+        from_env({"RECSQL_LOG_EVERY": "x"})
+    with pytest.raises(Exception, match="log_every must be >= 1"):
+        from_env({"RECSQL_LOG_EVERY": "0"})
