@@ -217,3 +217,21 @@ def test_server_started_before_its_model_serves_it_once_it_appears(model_dir, tm
             time.sleep(0.2)
         body = f"{USER_IDS[0]},{PRODUCT_IDS[0]}\n"
         assert srv.post("/invocations", body).status_code == 200
+
+
+def test_each_worker_gets_its_share_of_blas_threads() -> None:
+    import os
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from serve.server import _share_cores
+
+    cores = os.cpu_count() or 1
+    with threadpool_limits(None):  # restores the limits afterwards
+        _share_cores(cores * 2)(None, None)
+        assert {p["num_threads"] for p in threadpool_info()} == {1}
+        if cores > 1:
+            _share_cores(1)(None, None)
+            assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {
+                cores
+            }
