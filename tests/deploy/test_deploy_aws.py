@@ -17,7 +17,7 @@ from moto.sagemaker.models import sagemaker_backends
 from model import load_model, safe_extract, save_mfblock
 from model.errors import ArtifactError, BadRequest
 from recsql_cli import main
-from serve import deploy as d
+from deploy import sagemaker as d
 
 REGION = "eu-west-1"
 ROLE = f"arn:aws:iam::{DEFAULT_ACCOUNT_ID}:role/recsql-sagemaker"
@@ -123,7 +123,7 @@ def test_create_update_delete_and_clean_up(session, tmp_path: Path) -> None:
 
     d.autoscale(session, "recsql-test", 1, 3, 500)
     # update: a new config and model, the old ones removed
-    import serve.deploy as module
+    import deploy.sagemaker as module
 
     later = module.datetime(2099, 1, 1, tzinfo=module.UTC)
     config2 = d.stamped("recsql-test", later)
