@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model.errors import BadRequest
 from deploy import sagemaker as d
+from model.errors import BadRequest
 
 _EPILOG = """\
 settings (flags win over environment variables):

@@ -77,7 +77,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from training.train import run_train_command
+    from training.run import run_train_command
 
     return run_train_command(args)
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import socket
 import tempfile
 from collections.abc import Mapping
@@ -143,33 +142,6 @@ def _free_port() -> int:
 
 
 # ---------------------------------------------------------------------------- entry points
-
-
-def run_training(
-    cfg: TrainConfig,
-    data: Any,
-    model_dir: Path | None,
-    *,
-    nproc: int | None = 1,
-    environ: Mapping[str, str] | None = None,
-    inputs: list[Path] | None = None,
-    progress: bool = True,
-) -> dict | None:
-    """Train on one process, N local ones, as a torchrun worker, or across SageMaker hosts.
-
-    nproc: local processes (`--nproc`); None reads the SageMaker variables (SM_HOSTS...).
-    Returns the metrics on the process that wrote the artifact (rank 0), None elsewhere.
-    """
-    from training.train import train
-
-    environ = os.environ if environ is None else environ
-    if is_torchrun_worker(environ):
-        return _train_in_group(cfg, data, model_dir, progress, environ)
-    use_cuda = resolve_device(cfg.device).type == "cuda"
-    plan = local_plan(nproc, use_cuda) if nproc is not None else sagemaker_plan(environ, use_cuda)
-    if plan.world_size == 1:
-        return train(cfg, data, model_dir, progress=progress)
-    return launch(plan, cfg, data, model_dir, inputs=inputs, progress=progress)
 
 
 def _check_distributable(cfg: TrainConfig) -> None:
@@ -292,7 +264,7 @@ def _spawned_worker(local_rank: int, job: _Job) -> None:
         dist.destroy_process_group()
 
 
-def _train_in_group(
+def train_in_group(
     cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool, environ: Mapping[str, str]
 ) -> dict | None:
     """Inside a torchrun worker: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from env."""

@@ -243,17 +243,6 @@ def resolve_device(name: str) -> Any:
     return torch.device(name)
 
 
-def load_events(inputs: list[Path], min_events: int = 5, progress: bool = True) -> Any:
-    """A prepared folder as is, or event files/folders prepared now."""
-    from training.events import PreparedEvents, is_prepared_dir, prepare_events
-
-    if not inputs:
-        raise DataError("no inputs: give event .csv/.csv.gz files, folders or a prepared folder")
-    if len(inputs) == 1 and is_prepared_dir(inputs[0]):
-        return PreparedEvents.load(inputs[0])
-    return prepare_events(inputs, min_events=min_events, progress=progress)
-
-
 # ---------------------------------------------------------------------------- the step
 
 
@@ -860,48 +849,3 @@ def save_artifact(
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_curves(metrics["epochs"], metrics["popularity"], model_dir / "curves.png")
     return model_dir
-
-
-def run_train_command(args: argparse.Namespace) -> int:
-    if not args.inputs:
-        from training.sagemaker import SageMakerEnv, run_training_job
-
-        env = SageMakerEnv.detect()
-        if env is None:
-            raise DataError(
-                "no inputs: give event files/folders or a prepared folder "
-                "(or run as `train` inside a SageMaker job, with /opt/ml)"
-            )
-        return run_training_job(env, progress=not args.no_progress)
-    cfg = config_from_args(args)
-    data = load_events(args.inputs, cfg.min_events, progress=not args.no_progress)
-    # distributed hook (issue E): --nproc N, or a torchrun worker; None on ranks other than 0
-    from training.distributed import run_training
-
-    metrics = run_training(
-        cfg,
-        data,
-        args.model_dir,
-        nproc=args.nproc,
-        inputs=args.inputs,
-        progress=not args.no_progress,
-    )
-    if metrics is None:
-        return 0
-    final, pop = metrics["final"], metrics["popularity"]
-    print(f"model: {args.model_dir} ({metrics['served_model']})")
-    if cfg.objective == "mse":
-        print(
-            f"test MSE {final['test_mse']:.4f} (mean predictor {final['mean_mse']:.4f}), "
-            f"train MSE {final['train_mse']:.4f}"
-        )
-    print(
-        f"held out: HR@{cfg.k} {final['hr']:.4f} NDCG@{cfg.k} {final['ndcg']:.4f} at epoch "
-        f"{final['epoch']} (popularity {pop['hr']:.4f} / {pop['ndcg']:.4f}, "
-        f"{metrics['eval_users']} users)"
-    )
-    refit = metrics.get("refit")
-    if refit:
-        print(f"refit on all {refit['events']:,} events for {refit['epochs']} epochs")
-    print(f"{final['samples_per_s']:,.0f} samples/s")
-    return 0

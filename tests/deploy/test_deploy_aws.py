@@ -14,10 +14,10 @@ from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.sagemaker.models import sagemaker_backends
 
+from deploy import sagemaker as d
 from model import load_model, safe_extract, save_mfblock
 from model.errors import ArtifactError, BadRequest
 from recsql_cli import main
-from deploy import sagemaker as d
 
 REGION = "eu-west-1"
 ROLE = f"arn:aws:iam::{DEFAULT_ACCOUNT_ID}:role/recsql-sagemaker"

@@ -13,9 +13,9 @@ import pytest
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 
-from recsql_cli import main
 from deploy import lambda_handler
 from deploy.pipeline import SCHEMA_VERSION, pipeline_definition, step_references
+from recsql_cli import main
 from tests.deploy.dockerfile import ROOT
 
 REGION = "eu-west-1"

@@ -29,9 +29,9 @@ from training.distributed import (
     is_torchrun_worker,
     launch,
     local_plan,
-    run_training,
     sagemaker_plan,
 )
+from training.run import run_training
 from training.train import make_config, train
 
 from .test_train import planted_events
