@@ -11,7 +11,7 @@ catches up (lazy momentum) every row the global batch touches, an identical comp
 every rank. After the backward pass each rank scatters its gradients into one buffer indexed
 by the global batch's unique rows, [dense tower grads | user rows | item rows], scaled by its
 share of the batch, and ONE all-reduce per step sums it; every rank then applies the same
-update (train.FusedStep's optimiser code) to the same rows. Dropout masks are drawn for the
+update (steps.FusedStep's optimiser code) to the same rows. Dropout masks are drawn for the
 whole global batch on every rank (the same random stream as one process) and sliced.
 
 So the replicas stay bit-identical by construction (checked on CPU/gloo in the tests, and by a
@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import DataError
-from training.train import FusedStep, TrainConfig, resolve_device
+from training.config import TrainConfig, resolve_device
+from training.steps import FusedStep
 
 log = logging.getLogger(__name__)
 
@@ -313,15 +314,8 @@ def train_distributed(
     import torch
     import torch.distributed as dist
 
-    from training.train import (
-        EvalSet,
-        build_model,
-        device_arrays,
-        epoch_metrics,
-        run_epoch,
-        run_metrics,
-        save_artifact,
-    )
+    from training.results import EvalSet, epoch_metrics, run_metrics, save_artifact
+    from training.train import build_model, device_arrays, run_epoch
 
     rank, world = dist.get_rank(), dist.get_world_size()
     _check_distributable(cfg)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import DataError, RecsqlError
+from training.config import TrainConfig, config_from_args, resolve_device
 from training.distributed import (
     is_torchrun_worker,
     launch,
@@ -30,7 +31,7 @@ from training.distributed import (
 )
 from training.events import load_events
 from training.sagemaker import SageMakerEnv, input_paths, training_config, write_failure
-from training.train import TrainConfig, config_from_args, resolve_device, train
+from training.train import train
 
 log = logging.getLogger(__name__)
 

@@ -104,7 +104,7 @@ def parse_hyperparameters(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def training_config(hyperparameters: Mapping[str, Any]) -> Any:
-    from training.train import config_from_dict
+    from training.config import config_from_dict
 
     parsed = parse_hyperparameters(hyperparameters)
     return config_from_dict({k: v for k, v in parsed.items() if not k.startswith("sagemaker_")})

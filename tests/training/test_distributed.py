@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 
 from model.artifact import load_model
 from model.errors import DataError
+from training.config import make_config
 from training.distributed import (
     LaunchPlan,
     is_torchrun_worker,
@@ -32,7 +33,7 @@ from training.distributed import (
     sagemaker_plan,
 )
 from training.run import run_training
-from training.train import make_config, train
+from training.train import train
 
 from .test_train import planted_events
 
