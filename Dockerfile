@@ -75,6 +75,7 @@ COPY model/ model/
 COPY training/ training/
 COPY serve/ serve/
 COPY db/ db/
+COPY deploy/ deploy/
 # model/_native.c (tabular CSV decoding, tree walking, score formatting) is compiled
 # here and the compiler leaves in the same layer. The sources go too, so that every
 # import, from any directory, is of the installed package with its built kernels.
@@ -83,7 +84,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir --no-deps . \
     && apt-get purge -y --auto-remove gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/* build ./*.egg-info model training serve db recsql_cli.py setup.py \
+    && rm -rf /var/lib/apt/lists/* build ./*.egg-info model training serve db deploy recsql_cli.py setup.py \
     && python -c "from model.native import library; library()" \
     && recsql --help > /dev/null
 

@@ -46,9 +46,10 @@ sys.path.insert(0, str(ROOT))
 
 from model import load_model  # noqa: E402
 from model.recommender import FOLD_IN_STEPS, Recommender  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.evaluate import SeenItems, ranking_metrics  # noqa: E402
 from training.events import EVENT_WEIGHTS, PreparedEvents  # noqa: E402
-from training.train import TrainConfig, train  # noqa: E402
+from training.train import train  # noqa: E402
 
 Events = tuple[np.ndarray, np.ndarray, np.ndarray]  # user ids, product ids, weights; oldest first
 

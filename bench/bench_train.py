@@ -24,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.config import TrainConfig, make_config  # noqa: E402
 from training.events import PreparedEvents, is_prepared_dir, prepare_events  # noqa: E402
 from training.synth import SynthConfig, write_synthetic  # noqa: E402
-from training.train import TrainConfig, make_config, train  # noqa: E402
+from training.train import train  # noqa: E402
 
 
 def prepared_data(events: int, seed: int, cache: Path | None) -> PreparedEvents:

@@ -6,14 +6,13 @@ order; the reply carries one line per input line, in order, and an empty line
 means NULL (unknown id, bad row). When a reply line has several fields only the
 first is used, as Aurora does.
 
-`EndpointPool` keeps a few keep-alive connections per endpoint and is safe to
+`EndpointPool` is urllib3's keep-alive connection pool for one endpoint, safe to
 share between threads: DuckDB calls its UDFs from worker threads and
 `recsql score` keeps several batches in flight.
 """
 
 from __future__ import annotations
 
-import http.client
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -22,19 +21,14 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import urllib3
+from urllib3.exceptions import HTTPError, ProtocolError
 
 from model.errors import BadRequest, RecsqlError
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "RECSQL_ENDPOINTS"
-_RETRYABLE = (
-    http.client.RemoteDisconnected,
-    http.client.BadStatusLine,
-    ConnectionResetError,
-    BrokenPipeError,
-    ConnectionAbortedError,
-)
 
 
 class EndpointError(RecsqlError):
@@ -44,7 +38,13 @@ class EndpointError(RecsqlError):
 
 
 class EndpointPool:
-    """Thread-safe pool of keep-alive connections to one endpoint URL."""
+    """Keep-alive connections to one endpoint URL (urllib3), safe to share between threads.
+
+    `timeout` bounds the connect and each read. A connection that drops before the reply
+    (a keep-alive connection the server closed while it sat idle) is retried once on a
+    fresh one: scoring is idempotent, so a repeated POST is harmless. Timeouts, refused
+    connections and HTTP errors are not retried.
+    """
 
     def __init__(
         self,
@@ -60,40 +60,22 @@ class EndpointPool:
             raise BadRequest(f"endpoint {name or url!r}: URL must be http(s)://host[:port][/path]")
         self.url = url
         self.name = name or url
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname
-        self._port = parts.port
         self._path = parts.path if parts.path not in ("", "/") else "/invocations"
-        self._timeout = timeout
-        self._max_idle = max_idle
         self._target_model = target_model
-        self._idle: list[http.client.HTTPConnection] = []
+        # block=False: more threads than max_idle get extra connections, closed after use
+        self._pool = urllib3.connection_from_url(
+            url, maxsize=max_idle, block=False, timeout=timeout, retries=False
+        )
         self._lock = threading.Lock()
         self.requests = 0  # requests sent, for statistics and tests
 
-    def _connect(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        return cls(self._host, self._port, timeout=self._timeout)
-
-    def _take(self) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            self.requests += 1
-            if self._idle:
-                return self._idle.pop(), True
-        return self._connect(), False
-
-    def _give_back(self, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if len(self._idle) < self._max_idle:
-                self._idle.append(conn)
-                return
-        conn.close()
+    @property
+    def idle_connections(self) -> int:
+        """Keep-alive connections waiting in the pool (at most max_idle)."""
+        return sum(conn is not None for conn in list(self._pool.pool.queue))
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        self._pool.close()
 
     def invoke(self, body: bytes, target_model: str | None = None) -> bytes:
         """POST one CSV body; return the reply body. Raises EndpointError."""
@@ -101,39 +83,19 @@ class EndpointPool:
         model = target_model or self._target_model
         if model:
             headers["X-Amzn-SageMaker-Target-Model"] = model
-        conn, reused = self._take()
+        with self._lock:
+            self.requests += 1
         try:
-            status, reply = self._post(conn, body, headers)
-        except _RETRYABLE as exc:
-            conn.close()
-            if not reused:
-                raise EndpointError(f"endpoint {self.name} ({self.url}): {exc!r}") from exc
-            # A keep-alive connection the server closed while it sat idle: retry once on
-            # a fresh one (scoring is idempotent, so a repeated POST is harmless).
-            conn = self._connect()
             try:
-                status, reply = self._post(conn, body, headers)
-            except (OSError, http.client.HTTPException) as exc2:
-                conn.close()
-                raise EndpointError(f"endpoint {self.name} ({self.url}): {exc2!r}") from exc2
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise EndpointError(f"endpoint {self.name} ({self.url}): {exc!r}") from exc
-        self._give_back(conn)
-        if status != 200:
-            reason = reply[:200].decode("utf-8", "replace").strip().replace("\n", " ")
-            raise EndpointError(f"endpoint {self.name} answered HTTP {status}: {reason}")
-        return reply
-
-    def _post(
-        self, conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, bytes]:
-        conn.request("POST", self._path, body, headers)
-        response = conn.getresponse()
-        reply = response.read()
-        if response.will_close:
-            conn.close()  # the next request reconnects transparently
-        return response.status, reply
+                response = self._pool.urlopen("POST", self._path, body=body, headers=headers)
+            except ProtocolError:  # dropped before the reply: once more, on a new connection
+                response = self._pool.urlopen("POST", self._path, body=body, headers=headers)
+        except HTTPError as exc:
+            raise EndpointError(f"endpoint {self.name} ({self.url}): {exc}") from exc
+        if response.status != 200:
+            reason = response.data[:200].decode("utf-8", "replace").strip().replace("\n", " ")
+            raise EndpointError(f"endpoint {self.name} answered HTTP {response.status}: {reason}")
+        return response.data
 
 
 class Endpoints:

@@ -13,103 +13,25 @@ recsql tabular model, or a seed MXNet MFBlock directory (read without MXNet).
 
 from __future__ import annotations
 
-import json
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from model.errors import ArtifactError
+from model.format import (
+    MANIFEST,
+    PRODUCT_INDEX,
+    USER_INDEX,
+    WEIGHTS,
+    read_index,
+    read_manifest,
+    write_index,
+    write_manifest,
+)
 from model.recommender import Recommender
-
-FORMAT_VERSION = 1
-MANIFEST = "recsql.json"
-WEIGHTS = "weights.safetensors"
-USER_INDEX = "user_index.csv"
-PRODUCT_INDEX = "product_index.csv"
-
-# kind -> loader(model_dir, manifest); other model modules add themselves here.
-LOADERS: dict[str, Callable[[Path, dict[str, Any]], Any]] = {}
-
-
-def write_manifest(model_dir: Path, kind: str, **fields: Any) -> None:
-    manifest = {"format": "recsql", "format_version": FORMAT_VERSION, "kind": kind, **fields}
-    (Path(model_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable))
-
-
-def read_manifest(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: cannot read the model manifest ({exc})") from exc
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != "recsql"
-        or not isinstance(manifest.get("kind"), str)
-    ):
-        raise ArtifactError(f"{path}: not a recsql manifest")
-    version = manifest.get("format_version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise ArtifactError(f"{path}: format_version must be an integer, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: format_version {manifest['format_version']} is newer than this recsql reads"
-            f" ({FORMAT_VERSION})"
-        )
-    return manifest
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot store {type(value).__name__} in the manifest")
-
-
-def write_index(path: Path, id_column: str, row_column: str, ids: np.ndarray) -> None:
-    """Write `id,row` lines, row = position in `ids`."""
-    ids = np.asarray(ids, dtype=np.int64)
-    rows = np.arange(len(ids))
-    body = "\n".join(f"{i},{r}" for i, r in zip(ids.tolist(), rows.tolist(), strict=True))
-    Path(path).write_text(
-        f"{id_column},{row_column}\n{body}\n" if len(ids) else f"{id_column},{row_column}\n"
-    )
-
-
-def read_index(path: Path, id_column: str, row_column: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read an `id,row` CSV (any column order, extra columns ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: index file missing")
-    try:
-        con = duckdb.connect()
-        rel = con.read_csv(str(path), header=True, all_varchar=True)
-        if id_column not in rel.columns or row_column not in rel.columns:
-            raise ArtifactError(
-                f"{path}: expected columns {id_column},{row_column}; found {','.join(rel.columns)}"
-            )
-        bad = con.sql(
-            f"""SELECT count(*) FROM rel
-            WHERE NOT regexp_full_match(coalesce(trim("{id_column}"), ''), '-?[0-9]+')
-               OR NOT regexp_full_match(coalesce(trim("{row_column}"), ''), '[0-9]+')"""
-        ).fetchall()[0][0]
-        if bad:
-            raise ArtifactError(
-                f"{path}: {bad} line(s) where {id_column} or {row_column} is not an integer"
-            )
-        cols = con.sql(
-            f'SELECT CAST("{id_column}" AS BIGINT) AS i, '
-            f'CAST("{row_column}" AS BIGINT) AS r FROM rel'
-        ).fetchnumpy()
-    except duckdb.Error as exc:
-        raise ArtifactError(f"{path}: cannot read the index ({exc})") from exc
-    return np.asarray(cols["i"], np.int64), np.asarray(cols["r"], np.int64)
 
 
 def save_mfblock(
@@ -214,9 +136,6 @@ def _check_rows(rows: np.ndarray, n: int, path: Path) -> None:
         raise ArtifactError(f"{path}: row numbers outside the {n}-row embedding table")
 
 
-LOADERS["mfblock"] = _load_mfblock
-
-
 def load_model(model_dir: str | Path) -> Any:
     """Load any servable model directory into its in-memory model."""
     model_dir = Path(model_dir)
@@ -224,13 +143,13 @@ def load_model(model_dir: str | Path) -> Any:
         raise ArtifactError(f"{model_dir}: model directory not found")
     if (model_dir / MANIFEST).is_file():
         manifest = read_manifest(model_dir)
-        loader = LOADERS.get(manifest["kind"])
-        if loader is None:
-            _import_optional_loaders()
-            loader = LOADERS.get(manifest["kind"])
-        if loader is None:
-            raise ArtifactError(f"{model_dir}: unknown model kind {manifest['kind']!r}")
-        return loader(model_dir, manifest)
+        if manifest["kind"] == "mfblock":
+            return _load_mfblock(model_dir, manifest)
+        if manifest["kind"] == "tabular":  # imported on use: XGBoost, LightGBM, the C kernels
+            from model.tabular import load_tabular
+
+            return load_tabular(model_dir, manifest)
+        raise ArtifactError(f"{model_dir}: unknown model kind {manifest['kind']!r}")
     if (model_dir / "MFBlock.params").is_file():
         from model.mxnet import load_seed_artifact
 
@@ -238,17 +157,6 @@ def load_model(model_dir: str | Path) -> Any:
     raise ArtifactError(
         f"{model_dir}: no {MANIFEST} (recsql artifact) and no MFBlock.params (seed artifact)"
     )
-
-
-def _import_optional_loaders() -> None:
-    import importlib
-
-    for name in ("model.tabular",):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
 
 
 def pack(model_dir: Path, tar_path: Path) -> Path:

@@ -73,8 +73,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from model.artifact import read_index
 from model.errors import ArtifactError
+from model.format import read_index
 from model.recommender import Recommender
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,14 @@ missing build fails a tabular model load with a message, not `import model`. C t
 its arguments: every array it gets is made here, with its dtype, layout and
 size fixed, and the indices inside (feature numbers, one-hot targets) checked
 against the matrix width first.
+
+Why our own tree walker, when XGBoost ships a predictor: it is still faster (bank-full
+preset, 100 trees of depth 5, one thread, 2026-12-03: 2.56M rows/s against 0.99M for
+`inplace_predict` at 1,000 rows, 142k against 10k at one row; bench/bench_tabular.py),
+and it is checked against XGBoost at every model load. Libraries that compile a model
+into native code (treelite / tl2cgen) would be as fast, but loading such a model runs
+a shared library that came with the artifact; here the model stays data (XGBoost's
+JSON), read by code that ships with recsql.
 """
 
 from __future__ import annotations

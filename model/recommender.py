@@ -68,6 +68,8 @@ class FoldIn:
 
 
 def _logsumexp(logits: np.ndarray) -> float:
+    # not scipy.special.logsumexp: ~10x slower per call on a catalogue-sized vector
+    # (145 against 13 us on 2,857 items), and this runs inside the L-BFGS objective
     top = float(logits.max())
     return top + float(np.log(np.exp(logits - top).sum()))
 

@@ -41,8 +41,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from model.artifact import LOADERS, write_manifest
 from model.errors import ArtifactError, BadRequest
+from model.format import write_manifest
 from model.native import CsvEncoder, Forest
 
 log = logging.getLogger(__name__)
@@ -475,7 +475,8 @@ class TabularModel:
         return model_dir
 
 
-def _load_tabular(model_dir: Path, manifest: dict[str, Any]) -> TabularModel:
+def load_tabular(model_dir: Path, manifest: dict[str, Any]) -> TabularModel:
+    """The loader `model.load_model` calls for a manifest of kind `tabular`."""
     model_dir = Path(model_dir)
     unsafe = sorted(p.name for p in model_dir.iterdir() if p.suffix.lower() in _UNSAFE_SUFFIXES)
     if unsafe:
@@ -520,6 +521,3 @@ def _load_tabular(model_dir: Path, manifest: dict[str, Any]) -> TabularModel:
         label=str(manifest.get("label", "label")),
         info={k: v for k, v in manifest.items() if k != "encoding"},
     )
-
-
-LOADERS["tabular"] = _load_tabular

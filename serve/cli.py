@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+_DESCRIPTION = (
+    "Serve a model directory over SageMaker's container HTTP API "
+    "(/ping, /invocations, /models, ...). Settings come from SAGEMAKER_* and RECSQL_* "
+    "environment variables; flags override them. Binds 127.0.0.1 unless --container "
+    "(or RECSQL_CONTAINER=true), which binds 0.0.0.0 and serves /opt/ml/model."
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "serve",
-        help="serve a model over HTTP (SageMaker-compatible)",
-        description="Serve a model directory over SageMaker's container HTTP API "
-        "(/ping, /invocations, /models, ...). Settings come from SAGEMAKER_* and RECSQL_* "
-        "environment variables; flags override them. Binds 127.0.0.1 unless --container "
-        "(or RECSQL_CONTAINER=true), which binds 0.0.0.0 and serves /opt/ml/model.",
+        "serve", help="serve a model over HTTP (SageMaker-compatible)", description=_DESCRIPTION
     )
+    _add_arguments(p)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, help="model directory (or RECSQL_MODEL_DIR)")
     p.add_argument("--name", dest="model_name", help="the model's name (default: model)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; container 0.0.0.0)")
@@ -75,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from model.errors import RecsqlError
-    from recsql_cli import Parser
 
-    parser = Parser(prog="recsql")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(
+        prog="recsql serve", description=_DESCRIPTION, allow_abbrev=False
+    )
+    _add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     level = os.environ.get("SAGEMAKER_CONTAINER_LOG_LEVEL") or os.environ.get("RECSQL_LOG_LEVEL")
     if level and level.isdigit():
         level = logging.getLevelName(int(level))

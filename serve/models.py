@@ -10,7 +10,8 @@ kind: write `class XModel(ServableModel)` here (or in its own module that
 registers itself) and add `ADAPTERS["x"] = XModel`; tests/serve/contract.py
 then runs the shared contract tests against it.
 
-User scripts (`code/inference.py`) are the other route in: see serve/scripts.py.
+User scripts (`code/inference.py`) are the other route in: serve/scripts.py, which also
+holds `load_servable` (a model directory -> the script's model or this adapter).
 """
 
 from __future__ import annotations
@@ -18,12 +19,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model import load_model
 from model.errors import ArtifactError, BadRequest
 from model.recommender import Recommender
 from serve.records import CsvTable, Payload, Prediction, Rankings, Scores
@@ -261,15 +260,3 @@ def wrap(model: Any) -> ServableModel:
             f"no server adapter for model kind {kind!r}; servable kinds: {', '.join(ADAPTERS)}"
         )
     return adapter(model)
-
-
-def load_servable(
-    model_dir: Path, program: str = "inference.py", submit_dir: Path | None = None
-) -> ServableModel:
-    """A model directory -> servable model; a user script in it takes precedence."""
-    from serve.scripts import ScriptModel, find_script
-
-    script = find_script(Path(model_dir), program, submit_dir)
-    if script is not None:
-        return ScriptModel.load(Path(model_dir), script)
-    return wrap(load_model(model_dir))

@@ -33,7 +33,8 @@ from model.errors import (
     RecsqlError,
 )
 from serve.config import MB, ServeConfig
-from serve.models import ServableModel, load_servable
+from serve.models import ServableModel
+from serve.scripts import load_servable
 
 RETRY_SECONDS = 2.0  # how often a missing startup model is looked for again
 

@@ -55,6 +55,16 @@ def find_script(model_dir: Path, program: str, submit_dir: Path | None) -> Path 
     return None
 
 
+def load_servable(
+    model_dir: Path, program: str = "inference.py", submit_dir: Path | None = None
+) -> ServableModel:
+    """A model directory -> servable model; a user script in it takes precedence."""
+    script = find_script(Path(model_dir), program, submit_dir)
+    if script is not None:
+        return ScriptModel.load(Path(model_dir), script)
+    return wrap(load_model(model_dir))
+
+
 def _import(script: Path) -> ModuleType:
     name = "recsql_user_" + hashlib.sha1(str(script.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, script)

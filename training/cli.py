@@ -71,13 +71,13 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="*", type=Path, help="event files/folders or a prepared folder")
     p.set_defaults(func=_run_train)
-    from training.train import add_train_arguments
+    from training.config import add_train_arguments
 
     add_train_arguments(p)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from training.train import run_train_command
+    from training.run import run_train_command
 
     return run_train_command(args)
 

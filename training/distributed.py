@@ -11,7 +11,7 @@ catches up (lazy momentum) every row the global batch touches, an identical comp
 every rank. After the backward pass each rank scatters its gradients into one buffer indexed
 by the global batch's unique rows, [dense tower grads | user rows | item rows], scaled by its
 share of the batch, and ONE all-reduce per step sums it; every rank then applies the same
-update (train.FusedStep's optimiser code) to the same rows. Dropout masks are drawn for the
+update (steps.FusedStep's optimiser code) to the same rows. Dropout masks are drawn for the
 whole global batch on every rank (the same random stream as one process) and sliced.
 
 So the replicas stay bit-identical by construction (checked on CPU/gloo in the tests, and by a
@@ -44,7 +44,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import socket
 import tempfile
 from collections.abc import Mapping
@@ -53,7 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import DataError
-from training.train import FusedStep, TrainConfig, resolve_device
+from training.config import TrainConfig, resolve_device
+from training.steps import FusedStep
 
 log = logging.getLogger(__name__)
 
@@ -143,33 +143,6 @@ def _free_port() -> int:
 
 
 # ---------------------------------------------------------------------------- entry points
-
-
-def run_training(
-    cfg: TrainConfig,
-    data: Any,
-    model_dir: Path | None,
-    *,
-    nproc: int | None = 1,
-    environ: Mapping[str, str] | None = None,
-    inputs: list[Path] | None = None,
-    progress: bool = True,
-) -> dict | None:
-    """Train on one process, N local ones, as a torchrun worker, or across SageMaker hosts.
-
-    nproc: local processes (`--nproc`); None reads the SageMaker variables (SM_HOSTS...).
-    Returns the metrics on the process that wrote the artifact (rank 0), None elsewhere.
-    """
-    from training.train import train
-
-    environ = os.environ if environ is None else environ
-    if is_torchrun_worker(environ):
-        return _train_in_group(cfg, data, model_dir, progress, environ)
-    use_cuda = resolve_device(cfg.device).type == "cuda"
-    plan = local_plan(nproc, use_cuda) if nproc is not None else sagemaker_plan(environ, use_cuda)
-    if plan.world_size == 1:
-        return train(cfg, data, model_dir, progress=progress)
-    return launch(plan, cfg, data, model_dir, inputs=inputs, progress=progress)
 
 
 def _check_distributable(cfg: TrainConfig) -> None:
@@ -292,7 +265,7 @@ def _spawned_worker(local_rank: int, job: _Job) -> None:
         dist.destroy_process_group()
 
 
-def _train_in_group(
+def train_in_group(
     cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool, environ: Mapping[str, str]
 ) -> dict | None:
     """Inside a torchrun worker: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from env."""
@@ -341,15 +314,8 @@ def train_distributed(
     import torch
     import torch.distributed as dist
 
-    from training.train import (
-        EvalSet,
-        build_model,
-        device_arrays,
-        epoch_metrics,
-        run_epoch,
-        run_metrics,
-        save_artifact,
-    )
+    from training.results import EvalSet, epoch_metrics, run_metrics, save_artifact
+    from training.train import build_model, device_arrays, run_epoch
 
     rank, world = dist.get_rank(), dist.get_world_size()
     _check_distributable(cfg)

@@ -215,7 +215,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run_evaluate_command(args: argparse.Namespace) -> int:
-    from training.train import load_events
+    from training.events import load_events
 
     if args.k <= 0:
         raise DataError(f"--k must be > 0, not {args.k}")

@@ -40,8 +40,8 @@ import duckdb
 import numpy as np
 from tqdm import tqdm
 
-from model.artifact import write_index
 from model.errors import DataError
+from model.format import write_index
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,15 @@ def prepare_events(
     prepared.stats = stats
     log.info("prepared %s", {k: v for k, v in stats.items() if k != "files"})
     return prepared
+
+
+def load_events(inputs: list[Path], min_events: int = 5, progress: bool = True) -> PreparedEvents:
+    """A prepared folder as is, or event files/folders prepared now."""
+    if not inputs:
+        raise DataError("no inputs: give event .csv/.csv.gz files, folders or a prepared folder")
+    if len(inputs) == 1 and is_prepared_dir(inputs[0]):
+        return PreparedEvents.load(inputs[0])
+    return prepare_events(inputs, min_events=min_events, progress=progress)
 
 
 @contextmanager

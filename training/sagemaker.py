@@ -20,15 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.errors import DataError, RecsqlError
+from model.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +104,7 @@ def parse_hyperparameters(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def training_config(hyperparameters: Mapping[str, Any]) -> Any:
-    from training.train import config_from_dict
+    from training.config import config_from_dict
 
     parsed = parse_hyperparameters(hyperparameters)
     return config_from_dict({k: v for k, v in parsed.items() if not k.startswith("sagemaker_")})
@@ -120,42 +118,7 @@ def input_paths(env: SageMakerEnv) -> list[Path]:
     return [channels["train"]] if "train" in channels else list(channels.values())
 
 
-def run_training_job(env: SageMakerEnv, progress: bool = False) -> int:
-    """Train from the job's channels into its model dir; on failure write the reason, return 1."""
-    from training.distributed import run_training
-    from training.train import load_events
-
-    try:
-        cfg = training_config(env.hyperparameters())
-        inputs = input_paths(env)
-        log.info("SageMaker training job: inputs %s, config %s", inputs, cfg)
-        data = load_events(inputs, cfg.min_events, progress=progress)
-        # distributed hook (issue E): SM_HOSTS x SM_NUM_GPUS ranks; metrics None off rank 0
-        metrics = run_training(
-            cfg,
-            data,
-            env.model_dir,
-            nproc=None,
-            environ=env.environ,
-            inputs=inputs,
-            progress=progress,
-        )
-        if metrics is None:
-            return 0
-        env.output_data_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(env.model_dir / "metrics.json", env.output_data_dir / "metrics.json")
-    except Exception as exc:  # the job must leave a reason, whatever went wrong
-        reason = str(exc) if isinstance(exc, RecsqlError) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, RecsqlError):
-            log.error("training failed\n%s", traceback.format_exc())
-        _write_failure(env, reason)
-        return 1
-    final = metrics["final"]
-    log.info("done: test MSE %.4f, HR@%d %.4f", final["test_mse"], cfg.k, final["hr"])
-    return 0
-
-
-def _write_failure(env: SageMakerEnv, reason: str) -> None:
+def write_failure(env: SageMakerEnv, reason: str) -> None:
     print(f"recsql train: error: {reason}", file=sys.stderr)
     try:
         env.failure_path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,14 +29,19 @@ def _score_line(line: bytes) -> bytes:
 
 
 class ScoringServer:
-    """Start with `with ScoringServer() as srv:`; srv.url, srv.requests, srv.rows."""
+    """Start with `with ScoringServer() as srv:`; srv.url and the counts srv.requests,
+    srv.connections, srv.rows."""
 
-    def __init__(self, *, status: int = 200, drop_every: int = 0) -> None:
+    def __init__(self, *, status: int = 200, drop_every: int = 0, hang_up_every: int = 0) -> None:
         self.status = status
         # Close the connection after every Nth reply without saying so (as an idle
         # keep-alive timeout does): the client finds out on its next request.
         self.drop_every = drop_every
+        # Close the connection on every Nth request instead of replying (a server that
+        # went away mid-request).
+        self.hang_up_every = hang_up_every
         self.requests = 0
+        self.connections = 0  # TCP connections accepted
         self.rows = 0
         self.batch_sizes: list[int] = []
         self.target_models: list[str | None] = []
@@ -56,6 +61,11 @@ class ScoringServer:
             def log_message(self, *args: object) -> None:  # keep test output quiet
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server.connections += 1
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 lines = body.split(b"\n")
@@ -67,6 +77,10 @@ class ScoringServer:
                     server.batch_sizes.append(len(lines))
                     server.target_models.append(self.headers.get("X-Amzn-SageMaker-Target-Model"))
                     drop = server.drop_every and server.requests % server.drop_every == 0
+                    hang_up = server.hang_up_every and server.requests % server.hang_up_every == 0
+                if hang_up:
+                    self.close_connection = True
+                    return
                 if server.status != 200:
                     reply = b"model exploded\n"
                 else:

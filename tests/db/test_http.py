@@ -76,7 +76,8 @@ def test_pool_scores_and_reuses_connections() -> None:
             assert out[0] == pytest.approx(expected_score(1, 2))
             assert np.isnan(out[1:]).all()
         assert srv.requests == 5 and srv.target_models == ["m1.tar.gz"] * 5
-        assert len(pool._idle) == 1  # one keep-alive connection served all five
+        assert srv.connections == 1  # one keep-alive connection served all five
+        assert pool.idle_connections == 1
         pool.close()
 
 
@@ -85,7 +86,19 @@ def test_pool_retries_once_on_a_dropped_keepalive_connection() -> None:
         pool = EndpointPool(srv.url)
         for _ in range(4):
             assert decode_floats(pool.invoke(b"3,4\n"), 1)[0] == pytest.approx(expected_score(3, 4))
-        assert srv.requests == 4
+        assert srv.requests == 4 and srv.connections == 4
+
+
+def test_pool_retries_once_when_the_server_hangs_up_mid_request() -> None:
+    with ScoringServer(hang_up_every=2) as srv:  # every 2nd request gets no reply
+        pool = EndpointPool(srv.url)
+        for _ in range(3):
+            assert decode_floats(pool.invoke(b"3,4\n"), 1)[0] == pytest.approx(expected_score(3, 4))
+        assert srv.requests == 5  # the two lost requests were sent again, once each
+    with ScoringServer(hang_up_every=1) as srv:
+        with pytest.raises(EndpointError, match="recsql .*Connection aborted"):
+            EndpointPool(srv.url, name="recsql").invoke(b"3,4\n")
+        assert srv.requests == 2  # once more, not forever
 
 
 def test_pool_is_thread_safe() -> None:
@@ -106,7 +119,7 @@ def test_pool_is_thread_safe() -> None:
             t.start()
         for t in threads:
             t.join(30)
-        assert not errors and srv.requests == 160 and len(pool._idle) <= 4
+        assert not errors and srv.requests == 160 and pool.idle_connections <= 4
 
 
 def test_http_error_and_unreachable_endpoint() -> None:

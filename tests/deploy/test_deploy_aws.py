@@ -14,10 +14,10 @@ from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.sagemaker.models import sagemaker_backends
 
+from deploy import sagemaker as d
 from model import load_model, safe_extract, save_mfblock
 from model.errors import ArtifactError, BadRequest
 from recsql_cli import main
-from serve import deploy as d
 
 REGION = "eu-west-1"
 ROLE = f"arn:aws:iam::{DEFAULT_ACCOUNT_ID}:role/recsql-sagemaker"
@@ -123,7 +123,7 @@ def test_create_update_delete_and_clean_up(session, tmp_path: Path) -> None:
 
     d.autoscale(session, "recsql-test", 1, 3, 500)
     # update: a new config and model, the old ones removed
-    import serve.deploy as module
+    import deploy.sagemaker as module
 
     later = module.datetime(2099, 1, 1, tzinfo=module.UTC)
     config2 = d.stamped("recsql-test", later)

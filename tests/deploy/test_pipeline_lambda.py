@@ -13,9 +13,9 @@ import pytest
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 
+from deploy import lambda_handler
+from deploy.pipeline import SCHEMA_VERSION, pipeline_definition, step_references
 from recsql_cli import main
-from serve import lambda_handler
-from serve.pipeline import SCHEMA_VERSION, pipeline_definition, step_references
 from tests.deploy.dockerfile import ROOT
 
 REGION = "eu-west-1"
@@ -137,7 +137,7 @@ def test_lambda_deploy_step_creates_the_endpoint(session) -> None:
 def test_lambda_module_needs_only_the_standard_library_and_boto3(tmp_path: Path) -> None:
     # Lambda ships this one file: it must import without the rest of recsql.
     with zipfile.ZipFile(tmp_path / "fn.zip", "w") as archive:
-        archive.write(ROOT / "serve" / "lambda_handler.py", "lambda_handler.py")
+        archive.write(ROOT / "deploy" / "lambda_handler.py", "lambda_handler.py")
     code = "import sys; sys.path.insert(0, sys.argv[1]); import lambda_handler; print('ok')"
     out = subprocess.run(
         [sys.executable, "-S", "-c", code, str(tmp_path / "fn.zip")],

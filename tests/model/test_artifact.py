@@ -12,8 +12,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from model import load_model, pack, safe_extract, save_mfblock
-from model.artifact import MANIFEST, read_index, read_manifest, write_manifest
 from model.errors import ArtifactError
+from model.format import MANIFEST, read_index, read_manifest, write_manifest
 
 NUM_EMB = 4
 

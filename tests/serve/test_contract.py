@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from serve.models import ServableModel, load_servable, wrap
-from serve.scripts import ScriptModel
+from serve.models import ServableModel, wrap
+from serve.scripts import ScriptModel, load_servable
 from tests.serve.conftest import PRODUCT_IDS, USER_IDS
 from tests.serve.contract import ServableModelContract
 

@@ -12,8 +12,7 @@ import pytest
 
 from model.errors import ArtifactError
 from serve import DataPlane, Invocation, build_dataplane, from_env
-from serve.models import load_servable
-from serve.scripts import ScriptModel
+from serve.scripts import ScriptModel, load_servable
 from tests.serve.conftest import PRODUCT_IDS, USER_IDS, running
 
 # Written like the seed's hosting functions: model_fn(model_dir) plus

@@ -24,15 +24,16 @@ from safetensors.numpy import load_file
 
 from model.artifact import load_model
 from model.errors import DataError
+from training.config import make_config
 from training.distributed import (
     LaunchPlan,
     is_torchrun_worker,
     launch,
     local_plan,
-    run_training,
     sagemaker_plan,
 )
-from training.train import make_config, train
+from training.run import run_training
+from training.train import train
 
 from .test_train import planted_events
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from model.artifact import load_model
+from training.config import make_config
 from training.events import PreparedEvents
-from training.train import make_config, recency_weights, train
+from training.train import recency_weights, train
 
 from .test_train import planted_events
 

@@ -14,14 +14,9 @@ from safetensors.numpy import load_file
 from model.artifact import load_model
 from model.errors import DataError
 from model.mfblock import MFBlock
-from training.train import (
-    DenseStep,
-    FusedStep,
-    TrainConfig,
-    config_from_dict,
-    make_config,
-    train,
-)
+from training.config import TrainConfig, config_from_dict, make_config
+from training.steps import DenseStep, FusedStep
+from training.train import train
 
 # the seed's objective and settings (sgd, lr 0.02, momentum 0.9), small and quick
 FAST = make_config(
@@ -311,7 +306,7 @@ def test_cli_refuses_abbreviated_options(capsys):
 
 def test_cli_seed_objective_takes_the_seeds_settings():
     import recsql_cli
-    from training.train import config_from_args
+    from training.config import config_from_args
 
     args = recsql_cli.build_parser().parse_args(["train", "x.csv", "--objective", "mse"])
     cfg = config_from_args(args)

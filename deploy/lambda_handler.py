@@ -1,7 +1,7 @@
 """AWS Lambda handler: S3 upload -> training job, and the pipeline's deploy step.
 
 Self-contained (standard library + boto3, which Lambda provides) so it deploys
-as this one file: `zip -j recsql-lambda.zip serve/lambda_handler.py`, handler
+as this one file: `zip -j recsql-lambda.zip deploy/lambda_handler.py`, handler
 `lambda_handler.handler`.
 
 1. S3 trigger (ObjectCreated on s3://BUCKET/PREFIX/events/...): starts a

@@ -3,7 +3,7 @@
 Every step runs the one recsql image: `prepare` as a Processing job (raw REES46
 files -> prepared arrays), `train` as a Training job (the image's `train`
 mode reads the channel and writes /opt/ml/model), a Model step, and a Lambda
-step (serve/lambda_handler.py) that creates or updates the endpoint. The JSON
+step (deploy/lambda_handler.py) that creates or updates the endpoint. The JSON
 follows the pipeline definition schema version 2020-12-01; values that are only
 known at run time are {"Get": ...} references to parameters and step properties.
 """

@@ -468,12 +468,6 @@ def ecr_commands(
 # ----------------------------------------------------------------------------- CLI
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from serve import deploy_cli
-
-    deploy_cli.register(subparsers)
-
-
 def run_with_session(func: Callable[[Any, AwsConfig, argparse.Namespace], int]) -> Callable:
     """Wrap a command: settings from flags/env, one boto3 session, AWS errors as one line."""
 

@@ -1,4 +1,4 @@
-"""The `recsql deploy ...` argument parsers; the work is in serve/deploy.py."""
+"""The `recsql deploy ...` argument parsers; the work is in deploy/sagemaker.py."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deploy import sagemaker as d
 from model.errors import BadRequest
-from serve import deploy as d
 
 _EPILOG = """\
 settings (flags win over environment variables):
@@ -319,7 +319,7 @@ def _pipeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="recsql")
     p.add_argument(
         "--deploy-lambda-arn",
-        help="Lambda (serve/lambda_handler.py) for the deploy "
+        help="Lambda (deploy/lambda_handler.py) for the deploy "
         "step; without it the pipeline stops after registering the model",
     )
     p.add_argument("--out", type=Path, help="write here (default: stdout)")
@@ -329,7 +329,7 @@ def _pipeline(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pipeline(session: Any, cfg: d.AwsConfig, args: argparse.Namespace) -> int:
-    from serve.pipeline import pipeline_definition, upsert_pipeline
+    from deploy.pipeline import pipeline_definition, upsert_pipeline
 
     definition = pipeline_definition(
         image_uri=cfg.need("image_uri"),
