@@ -6,8 +6,8 @@
   10,000 pairs) through the plain handler `DataPlane.invoke`. Targets:
   <= 0.2 ms for 1 pair, <= 1 ms for 1,000 (the seed's hosting code took
   15-17 ms and 17-21 ms).
-- HTTP: a recording client (one Python process per keep-alive connection, every
-  request timed, so the percentiles hold no estimated samples) against
+- HTTP: a recording client (one Python process driving N keep-alive connections,
+  every request timed, so the percentiles hold no estimated samples) against
   `python -m serve --workers N` (gevent): `/ping` as the same-run baseline, 1 pair
   at 1 and 8 connections, 1,000 pairs at 4, top-10 at 1 and 8; then 1 pair at 8
   with the INFO line per request on (its cost; the busiest worker's share of the
@@ -23,10 +23,10 @@ Prints a markdown section; figures are medians of repeated runs.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
-import multiprocessing
 import re
+import selectors
+import socket
 import statistics
 import sys
 import tempfile
@@ -134,30 +134,58 @@ def top_k_vs_implicit(quick: bool) -> list[str]:
     return out
 
 
-def _client(args: tuple) -> list[float]:
-    """One keep-alive connection: requests until `until`, every request's seconds recorded."""
-    port, method, path, body, content_type, until = args
-    conn = http.client.HTTPConnection("127.0.0.1", port)
-    headers = {"Content-Type": content_type} if body else {}
-    out = []
-    while time.monotonic() < until:
-        start = time.perf_counter()
-        conn.request(method, path, body, headers)
-        response = conn.getresponse()
-        response.read()
-        out.append(time.perf_counter() - start)
-        if response.status != 200:
-            raise RuntimeError(f"{method} {path} -> {response.status}")
-    return out
+def _http_request(port: int, method: str, path: str, body: bytes, content_type: str) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    if body:
+        head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode() + body
+
+
+def _complete(buffer: bytes) -> int:
+    """Length of the first whole response in `buffer` (0: not all there yet)."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return 0
+    head = buffer[:end].lower()
+    if not head.startswith(b"http/1.1 200"):
+        raise RuntimeError(f"server answered {buffer[:60]!r}")
+    length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+    return end + 4 + length if len(buffer) >= end + 4 + length else 0
 
 
 def recorded(port: int, request: tuple, connections: int, seconds: float) -> dict[str, float]:
-    """`connections` client processes, one keep-alive connection each; every request timed
-    (no estimated samples). The clients share the machine's cores with the server."""
-    until = time.monotonic() + seconds
-    with multiprocessing.Pool(connections) as pool:
-        parts = pool.map(_client, [(port, *request, until)] * connections)
-    times = np.sort(np.concatenate([np.asarray(p) for p in parts])) * 1e3
+    """`connections` keep-alive connections, each with one request in flight, driven by one
+    client process (fewer processes competing with the server than one per connection);
+    every request timed, so the percentiles hold no estimated samples."""
+    raw = _http_request(port, *request)
+    selector = selectors.DefaultSelector()
+    started, buffers, times = {}, {}, []
+    for _ in range(connections):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        selector.register(sock, selectors.EVENT_READ)
+        buffers[sock] = b""
+        started[sock] = time.perf_counter()
+        sock.sendall(raw)
+    until = time.perf_counter() + seconds
+    while started:
+        for key, _ in selector.select():
+            sock = key.fileobj
+            buffers[sock] += sock.recv(1 << 20)
+            size = _complete(buffers[sock])
+            if not size:
+                continue
+            now = time.perf_counter()
+            times.append(now - started[sock])
+            buffers[sock] = buffers[sock][size:]
+            if now < until:
+                started[sock] = time.perf_counter()
+                sock.sendall(raw)
+            else:
+                del started[sock]
+                selector.unregister(sock)
+                sock.close()
+    times = np.sort(np.asarray(times)) * 1e3
     p50, p99 = float(np.percentile(times, 50)), float(np.percentile(times, 99))
     return {"rps": len(times) / seconds, "p50": p50, "p99": p99, "max": float(times[-1])}
 
@@ -183,8 +211,9 @@ def http_bench(model_dir: Path, user_ids, item_ids, workers: int, seconds: int) 
     top10 = ("POST", "/invocations", top, "application/json")
     ping = ("GET", "/ping", b"", "")
     rows = [
-        f"{workers} gevent workers, keep-alive; client: one Python process per connection,"
-        " every request recorded, on the same 2 cores.",
+        f"{workers} gevent workers, keep-alive; client: one Python process driving every"
+        " connection (one request in flight on each), every request recorded, on the same"
+        " 2 cores.",
         "",
         "| request | connections | requests/s | p50 ms | p99 ms | p99/p50 | max ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
