@@ -6,8 +6,11 @@
  *
  * File format, one endpoint per line ('#' starts a comment line):
  *   name  URL  [target_model]  [timeout_ms=N]  [connect_timeout_ms=N]
+ *   name  file:///absolute/path.vectors  [max_mb=N]
  * URL rule: used as given when its path ends in /invocations or /invoke,
  * otherwise "/invocations" is appended (after dropping a trailing '/').
+ * A file:// entry is a vectors file (db/vectors.py) scored inside the server
+ * (models.c); max_mb caps the file it maps (default 65536).
  */
 #define _GNU_SOURCE
 #include "recsql.h"
@@ -29,6 +32,8 @@
 #define MAX_FILE_BYTES (1 << 20)
 #define DEFAULT_CONNECT_MS 1000
 #define DEFAULT_TIMEOUT_MS 5000
+#define DEFAULT_MAX_MB 65536ULL
+#define MAX_MAX_MB (1ULL << 24) /* 16 TiB */
 #define BREAKER_THRESHOLD 3     /* consecutive connect/timeout failures ... */
 #define BREAKER_OPEN_MS 2000    /* ... make calls fail fast for this long */
 #define LOG_INTERVAL_MS 10000   /* at most one failure line per endpoint per interval */
@@ -123,6 +128,23 @@ static int parse_ms(const char *s, long max, long *out)
     return 0;
 }
 
+/* The rest of a `name file:///path [max_mb=N]` line. */
+static int parse_local(entry *out, const char *path, char **save, const char **why)
+{
+    char *tok;
+    long mb = (long)DEFAULT_MAX_MB;
+    if (path[0] != '/' || strlen(path) > RECSQL_URL_MAX || strstr(path, "/../"))
+        return *why = "file:// needs an absolute path (file:///dir/model.vectors)", -1;
+    while ((tok = strtok_r(NULL, " \t\r\n", save))) {
+        if (strncmp(tok, "max_mb=", 7) || parse_ms(tok + 7, (long)MAX_MAX_MB, &mb))
+            return *why = "a file:// entry takes only max_mb=N (1..16777216)", -1;
+    }
+    strcpy(out->ep.url, path);
+    out->ep.local = 1;
+    out->ep.max_bytes = (unsigned long long)mb << 20;
+    return 1;
+}
+
 /* 1: an endpoint, 0: blank or comment, -1: bad line (why says what). */
 static int parse_line(char *s, entry *out, const char **why)
 {
@@ -136,8 +158,10 @@ static int parse_line(char *s, entry *out, const char **why)
         return *why = "bad name (allowed: [A-Za-z0-9._-]{1,128})", -1;
     strcpy(out->ep.name, tok);
     char *url = strtok_r(NULL, " \t\r\n", &save);
+    if (url && !strncmp(url, "file://", 7))
+        return parse_local(out, url + 7, &save, why);
     if (!url || (strncmp(url, "http://", 7) && strncmp(url, "https://", 8)))
-        return *why = "URL must start with http:// or https://", -1;
+        return *why = "URL must start with http://, https:// or file:///", -1;
     size_t ul = strlen(url);
     if (ul > RECSQL_URL_MAX - 16)
         return *why = "URL too long", -1;

@@ -11,7 +11,9 @@
 
 typedef struct {
     char name[RECSQL_NAME_MAX + 1];
-    char url[RECSQL_URL_MAX + 1];             /* the full URL that is POSTed to */
+    char url[RECSQL_URL_MAX + 1];             /* the full URL that is POSTed to, or a file's path */
+    int local;                                /* 1: url is a vectors file scored in-server */
+    unsigned long long max_bytes;             /* local: the largest file it will map */
     char target_model[RECSQL_TARGET_MAX + 1]; /* "" = no X-Amzn-SageMaker-Target-Model */
     long connect_timeout_ms;
     long timeout_ms;
@@ -39,5 +41,13 @@ void recsql_endpoints_free(void);
 int recsql_http_post(const recsql_endpoint *ep, const char *body, size_t len,
                      recsql_buf *reply, char *err, int *transport_failure);
 void recsql_http_free(void);
+
+/* models.c: vectors files mapped once per process, replaced on atomic rename. */
+typedef struct recsql_model recsql_model;
+#include "vectors.h"
+const recsql_vectors *recsql_model_vectors(const recsql_model *m);
+recsql_model *recsql_model_acquire(const char *path, unsigned long long max_bytes, char *err);
+void recsql_model_release(recsql_model *m);
+void recsql_models_free(void);
 
 #endif

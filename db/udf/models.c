@@ -1,0 +1,137 @@
+/*
+ * The process-wide cache of mapped vectors files: one mapping per file per
+ * server process, shared by every session.
+ *
+ * A statement acquires the current mapping of its model's file once (the first
+ * row) and releases it when it ends (deinit). Acquiring stats the path: when
+ * the file was replaced (a new inode, size or mtime: write then rename), the
+ * new file is mapped and checked, and becomes current; statements still
+ * holding the old mapping keep it until they end, then it is unmapped. A file
+ * that fails its checks is remembered with its reason, so a bad file is not
+ * re-read by every statement until it is replaced again.
+ */
+#define _GNU_SOURCE
+#include "recsql.h"
+#include "vectors.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define MAX_FILES 64
+
+struct recsql_model {
+    recsql_vectors v;
+    int refs; /* the cache's reference (while current) + one per statement */
+};
+
+typedef struct {
+    char path[RECSQL_URL_MAX + 1];
+    recsql_model *current;
+    struct stat bad_st; /* the file that failed, and why */
+    char bad_error[RECSQL_ERR_MAX];
+} slot;
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static slot slots[MAX_FILES];
+static int n_slots;
+
+static int same_file(const struct stat *a, const struct stat *b)
+{
+    return a->st_dev == b->st_dev && a->st_ino == b->st_ino && a->st_size == b->st_size &&
+           a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec;
+}
+
+static int maps(const recsql_model *m, const struct stat *st)
+{
+    return m && m->v.dev == st->st_dev && m->v.ino == st->st_ino && (off_t)m->v.size == st->st_size &&
+           m->v.mtime_ns == (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
+}
+
+static void unref_locked(recsql_model *m)
+{
+    if (m && --m->refs == 0) {
+        recsql_vectors_close(&m->v);
+        free(m);
+    }
+}
+
+static slot *slot_for(const char *path)
+{
+    for (int i = 0; i < n_slots; i++)
+        if (!strcmp(slots[i].path, path))
+            return &slots[i];
+    if (n_slots == MAX_FILES)
+        return NULL;
+    slot *s = &slots[n_slots++];
+    memset(s, 0, sizeof *s);
+    snprintf(s->path, sizeof s->path, "%s", path);
+    return s;
+}
+
+recsql_model *recsql_model_acquire(const char *path, unsigned long long max_bytes, char *err)
+{
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        snprintf(err, RECSQL_ERR_MAX, "cannot read vectors file %.60s: %s", path, strerror(errno));
+        return NULL;
+    }
+    pthread_mutex_lock(&lock);
+    recsql_model *m = NULL;
+    slot *s = slot_for(path);
+    if (!s) {
+        snprintf(err, RECSQL_ERR_MAX, "more than %d vectors files in use", MAX_FILES);
+    } else if (maps(s->current, &st)) {
+        m = s->current;
+        m->refs++;
+    } else if (s->bad_error[0] && same_file(&s->bad_st, &st)) {
+        snprintf(err, RECSQL_ERR_MAX, "%s", s->bad_error);
+    } else if (!(m = calloc(1, sizeof *m))) {
+        snprintf(err, RECSQL_ERR_MAX, "out of memory");
+    } else {
+        /* Loading holds the lock: sessions wait for one load instead of each doing it. */
+        char why[RECSQL_VECTORS_ERR];
+        unref_locked(s->current); /* in-flight statements keep their own reference */
+        s->current = NULL;
+        if (recsql_vectors_open(path, max_bytes, &m->v, why)) {
+            free(m);
+            m = NULL;
+            s->bad_st = st;
+            snprintf(s->bad_error, sizeof s->bad_error, "%s", why);
+            snprintf(err, RECSQL_ERR_MAX, "%s", why);
+            recsql_log("Warning", "%s: %s", path, why);
+        } else {
+            m->refs = 2;
+            s->current = m;
+            s->bad_error[0] = '\0';
+            recsql_log("Note", "mapped %s: %llu users, %llu items, dim %u, %zu bytes, crc %08x", path,
+                       (unsigned long long)m->v.users.num_ids, (unsigned long long)m->v.items.num_ids,
+                       m->v.dim, m->v.size, m->v.crc);
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return m;
+}
+
+const recsql_vectors *recsql_model_vectors(const recsql_model *m) { return &m->v; }
+
+void recsql_model_release(recsql_model *m)
+{
+    if (!m)
+        return;
+    pthread_mutex_lock(&lock);
+    unref_locked(m);
+    pthread_mutex_unlock(&lock);
+}
+
+void recsql_models_free(void)
+{
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < n_slots; i++)
+        unref_locked(slots[i].current);
+    n_slots = 0;
+    pthread_mutex_unlock(&lock);
+}
