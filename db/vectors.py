@@ -154,7 +154,14 @@ def write_vectors(rec: Recommender, path: str | Path, fallback: str = "null") ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return VectorsInfo(
-        path, size, len(rec.users), len(rec.items), users.shape[1], lognorm is not None, fallback, crc
+        path,
+        size,
+        len(rec.users),
+        len(rec.items),
+        users.shape[1],
+        lognorm is not None,
+        fallback,
+        crc,
     )
 
 

@@ -163,7 +163,7 @@ int recsql_vectors_open(const char *path, unsigned long long max_bytes, recsql_v
         goto out;
     }
     if (!S_ISREG(st.st_mode) || (st.st_mode & (S_IWGRP | S_IWOTH))) {
-        fail(err, "vectors file %.60s refused: not a file or writable by group/others", path);
+        fail(err, "vectors file refused: not a file, or writable by group/others (%.40s)", path);
         goto out;
     }
     size = (size_t)st.st_size;
