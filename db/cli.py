@@ -373,6 +373,13 @@ def _add_score(subparsers: argparse._SubParsersAction) -> None:
         "or makes its rows NULL",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--in-server",
+        action="store_true",
+        help="mysql: score inside the server with the in-server model (`recsql sql install "
+        "--in-server`) in one INSERT ... SELECT; --on-error null calls the loadable function "
+        "directly (fastest), error goes through the strict wrapper",
+    )
     _add_endpoint_args(p)
     p.set_defaults(func=_run_score)
 
@@ -392,6 +399,13 @@ def _run_score(args: argparse.Namespace) -> int:
         args.on_error,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
+    if args.in_server:
+        from db.score import score_mysql_in_server
+
+        if args.engine != "mysql":
+            raise BadRequest("--in-server is for --engine mysql")
+        print(score_mysql_in_server(args.db, args.query, opts).summary())
+        return 0
     endpoints = _endpoints(args)
     try:
         if args.engine == "mysql":

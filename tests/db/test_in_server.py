@@ -97,6 +97,11 @@ def query(conn: pymysql.Connection, sql: str, args: object = None) -> list[tuple
     return [tuple(v.decode() if isinstance(v, bytes) else v for v in row) for row in rows]
 
 
+def near(got: float, want: float) -> bool:
+    """Within 1e-6 (relative above 1: a raw dot product's float32 ulp is larger)."""
+    return abs(got - want) <= 1e-6 * max(1.0, abs(want))
+
+
 def assert_close(got: np.ndarray, want: np.ndarray) -> None:
     """float32 parity: NULL exactly where the endpoint gives NULL, values within 1e-6
     (relative for raw dot products above 1, whose float32 ulp is larger than that)."""
@@ -213,9 +218,12 @@ def test_wrappers_null_and_strict_policies(mysql_conn, fresh_database, entry, mo
     u, i = int(USERS[3]), int(ITEMS[7])
     want = float(rec.score(np.array([u]), np.array([i]))[0])
     ((got, strict),) = query(
-        mysql_conn, "SELECT will_purchase(%s, %s), will_purchase_strict(%s, %s)", (u, i, u, i)
+        mysql_conn,
+        "SELECT CAST(will_purchase(%s, %s) AS DOUBLE), "
+        "CAST(will_purchase_strict(%s, %s) AS DOUBLE)",
+        (u, i, u, i),
     )
-    assert got == pytest.approx(want, rel=1e-6) and strict == pytest.approx(want, rel=1e-6)
+    assert near(got, want) and near(strict, want)
     # unknown ids and NULL arguments: NULL, and not an error (the endpoint's policy)
     rows = query(
         mysql_conn,
@@ -239,10 +247,8 @@ def test_wrappers_null_and_strict_policies(mysql_conn, fresh_database, entry, mo
         "SELECT recsql_invoke(%s, %s, %s), recsql_invoke(%s, ' 10021 ', %s)",
         (name, f"{u}.0", str(i), name, float(i)),
     )
-    assert rows[0][0] == pytest.approx(want, rel=1e-6)
-    assert rows[0][1] == pytest.approx(
-        float(rec.score(np.array([10021]), np.array([i]))[0]), rel=1e-6
-    )
+    assert near(rows[0][0], want)
+    assert near(rows[0][1], float(rec.score(np.array([10021]), np.array([i]))[0]))
     # three arguments is not a pair
     rows = query(mysql_conn, "SELECT recsql_invoke(%s, 1, 2, 3), recsql_last_error()", (name,))
     assert rows[0][0] is None and "scores (user_id, product_id)" in rows[0][1]
@@ -414,7 +420,7 @@ def test_hot_reload_under_concurrent_sessions(mysql_url, mysql_conn, entry, mode
             time.sleep(0.15)
             # the next statement of any session uses the file now in place
             got = query(mysql_conn, "SELECT recsql_invoke(%s, %s, %s)", (name, u, i))[0][0]
-            assert got == pytest.approx(expected[(n + 1) % 2], rel=1e-6)
+            assert near(got, expected[(n + 1) % 2])
     finally:
         stop.set()
         for t in threads:
@@ -447,10 +453,50 @@ def test_install_in_server_and_replace(mysql_url, fresh_database, vec_dir, model
             summary = install_in_server(url, [fn], models[model], vectors)
             assert f"in-server model {vectors}" in summary
             want = float(load_model(models[model]).score(np.array([u]), np.array([i]))[0])
-            got = query(conn, "SELECT will_purchase(%s, %s)", (u, i))[0][0]
-            assert got == pytest.approx(want, rel=1e-6)
+            got = query(conn, "SELECT CAST(will_purchase(%s, %s) AS DOUBLE)", (u, i))[0][0]
+            assert near(got, want)
         allow = Path(query(conn, "SELECT recsql_endpoints_path()")[0][0])
         assert f"{name} file://{vectors}" in allow.read_text()
         write_allow_list(allow, {}, remove=[name])
+    finally:
+        conn.close()
+
+
+def test_recsql_score_in_server(mysql_url, fresh_database, entry, models) -> None:
+    """`recsql score --engine mysql --in-server`: one INSERT ... SELECT in the server; the
+    strict path (on_error=error) aborts on a bad model and keeps the old table."""
+    from db.score import ScoreOptions, score_mysql_in_server
+
+    rec = load_model(models["softmax"])
+    name, path = entry(rec)
+    fn = SqlFunction("will_purchase", PAIR, "FLOAT", endpoint=name)
+    url = mysql_url.rsplit("/", 1)[0] + "/" + fresh_database
+    conn = mysql_connect(url)
+    try:
+        create_functions(conn, [fn])
+        users, items = sample_pairs(1000, seed=9)
+        query(conn, "CREATE TABLE pairs (a BIGINT, b BIGINT)")
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO pairs VALUES (%s, %s)",
+                list(zip(users.tolist(), items.tolist(), strict=True)),
+            )
+        for on_error in ("null", "error"):
+            stats = score_mysql_in_server(
+                url, "SELECT a, b FROM pairs", ScoreOptions(fn, "scores", on_error=on_error)
+            )
+            assert stats.rows == 1000 and stats.nulls == 205
+            rows = query(conn, "SELECT user_id, product_id, CAST(score AS DOUBLE) FROM scores")
+            got = {(u, i): s for u, i, s in rows}
+            want = endpoint_scores(rec, users, items, "null")
+            for u, i, w in zip(users.tolist(), items.tolist(), want, strict=True):
+                if np.isnan(w):
+                    assert got[(u, i)] is None
+                else:
+                    assert near(got[(u, i)], float(w))
+        path.write_bytes(b"not a vectors file, and far too short")
+        with pytest.raises(Exception, match="bad magic|truncated"):
+            score_mysql_in_server(url, "SELECT a, b FROM pairs", ScoreOptions(fn, "scores"))
+        assert query(conn, "SELECT COUNT(*) FROM scores") == [(1000,)]
     finally:
         conn.close()
