@@ -2,7 +2,8 @@
  * The server-side allow-list of endpoint names, read from a file that only
  * the database administrator can write. SQL passes a *name*; a name that is
  * not listed is never requested. The file is re-read at the start of a
- * statement when its inode, size or mtime changed.
+ * statement when its inode, size or mtime changed (checked when watch.c saw
+ * its directory change).
  *
  * File format, one endpoint per line ('#' starts a comment line):
  *   name  URL  [target_model]  [timeout_ms=N]  [connect_timeout_ms=N]
@@ -241,45 +242,57 @@ static void parse_file(const char *path, FILE *f, const struct stat *st)
     recsql_log("Note", "loaded %d endpoint(s) from %s", n, path);
 }
 
-static void refresh_locked(void)
+static unsigned long long refresh_locked(void)
 {
+    static unsigned long long checked;
+    static const char *watched;
     const char *path = recsql_allow_list_path();
     struct stat st;
     char why[RECSQL_ERR_MAX];
+    if (watched != path) { /* before the first stat: a change after that is an event */
+        recsql_watch(path);
+        watched = path;
+    }
+    unsigned long long generation = recsql_watch_generation();
+    if (load_state && checked == generation)
+        return generation; /* nothing changed in its directory (watch.c) */
+    checked = generation;
     if (stat(path, &st) != 0) {
         snprintf(why, sizeof why, "cannot read allow-list %s: %s", path, strerror(errno));
         if (load_state != 2 || strcmp(why, load_error)) {
             recsql_log("Warning", "%s", why);
             set_table(NULL, 0, NULL, 2, why);
         }
-        return;
+        return generation;
     }
     if (load_state && st.st_ino == loaded_st.st_ino && st.st_size == loaded_st.st_size &&
         st.st_mtim.tv_sec == loaded_st.st_mtim.tv_sec &&
         st.st_mtim.tv_nsec == loaded_st.st_mtim.tv_nsec)
-        return;
+        return generation;
     if (!S_ISREG(st.st_mode) || (st.st_mode & (S_IWGRP | S_IWOTH))) {
         snprintf(why, sizeof why, "allow-list %s refused: not a file or writable by group/others", path);
         recsql_log("Warning", "%s", why);
         set_table(NULL, 0, &st, 2, why);
-        return;
+        return generation;
     }
     FILE *f = fopen(path, "re");
     if (!f) {
         snprintf(why, sizeof why, "cannot read allow-list %s: %s", path, strerror(errno));
         recsql_log("Warning", "%s", why);
         set_table(NULL, 0, &st, 2, why);
-        return;
+        return generation;
     }
     parse_file(path, f, &st);
     fclose(f);
+    return generation;
 }
 
-void recsql_endpoints_refresh(void)
+unsigned long long recsql_endpoints_refresh(void)
 {
     pthread_mutex_lock(&lock);
-    refresh_locked();
+    unsigned long long generation = refresh_locked();
     pthread_mutex_unlock(&lock);
+    return generation;
 }
 
 int recsql_endpoint_lookup(const char *name, recsql_endpoint *out, char *err)

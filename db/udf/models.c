@@ -3,7 +3,8 @@
  * server process, shared by every session.
  *
  * A statement acquires the current mapping of its model's file once (the first
- * row) and releases it when it ends (deinit). Acquiring stats the path: when
+ * row) and releases it when it ends (deinit). Acquiring stats the path (unless
+ * watch.c saw nothing change in its directory since the last check): when
  * the file was replaced (a new inode, size or mtime: write then rename), the
  * new file is mapped and checked, and becomes current; statements still
  * holding the old mapping keep it until they end, then it is unmapped. A file
@@ -33,6 +34,7 @@ typedef struct {
     recsql_model *current;
     struct stat bad_st; /* the file that failed, and why */
     char bad_error[RECSQL_ERR_MAX];
+    unsigned long long checked; /* the watch generation it was last checked at (watch.c) */
 } slot;
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -69,32 +71,52 @@ static slot *slot_for(const char *path)
     slot *s = &slots[n_slots++];
     memset(s, 0, sizeof *s);
     snprintf(s->path, sizeof s->path, "%s", path);
+    recsql_watch(path); /* before its first stat: a change after that is an event */
     return s;
 }
 
-recsql_model *recsql_model_acquire(const char *path, unsigned long long max_bytes, char *err)
+/* `generation`: recsql_watch_generation() at the start of the statement. */
+recsql_model *recsql_model_acquire(const char *path, unsigned long long max_bytes,
+                                   unsigned long long generation, char *err)
 {
     struct stat st;
-    if (stat(path, &st) != 0) {
-        snprintf(err, RECSQL_ERR_MAX, "cannot read vectors file %.60s: %s", path, strerror(errno));
-        return NULL;
-    }
-    pthread_mutex_lock(&lock);
     recsql_model *m = NULL;
+    pthread_mutex_lock(&lock);
     slot *s = slot_for(path);
     if (!s) {
         snprintf(err, RECSQL_ERR_MAX, "more than %d vectors files in use", MAX_FILES);
-    } else if (maps(s->current, &st)) {
+        goto out;
+    }
+    if (s->checked == generation) { /* nothing changed in its directory since the last check */
+        if ((m = s->current))
+            m->refs++;
+        else
+            snprintf(err, RECSQL_ERR_MAX, "%s", s->bad_error);
+        goto out;
+    }
+    if (stat(path, &st) != 0) {
+        snprintf(s->bad_error, sizeof s->bad_error, "cannot read vectors file %.60s: %s", path,
+                 strerror(errno));
+        memset(&s->bad_st, 0, sizeof s->bad_st);
+        unref_locked(s->current); /* in-flight statements keep their own reference */
+        s->current = NULL;
+        s->checked = generation;
+        snprintf(err, RECSQL_ERR_MAX, "%s", s->bad_error);
+        goto out;
+    }
+    s->checked = generation;
+    if (maps(s->current, &st)) {
         m = s->current;
         m->refs++;
     } else if (s->bad_error[0] && same_file(&s->bad_st, &st)) {
         snprintf(err, RECSQL_ERR_MAX, "%s", s->bad_error);
     } else if (!(m = calloc(1, sizeof *m))) {
         snprintf(err, RECSQL_ERR_MAX, "out of memory");
+        s->checked = 0;
     } else {
         /* Loading holds the lock: sessions wait for one load instead of each doing it. */
         char why[RECSQL_VECTORS_ERR];
-        unref_locked(s->current); /* in-flight statements keep their own reference */
+        unref_locked(s->current);
         s->current = NULL;
         if (recsql_vectors_open(path, max_bytes, &m->v, why)) {
             free(m);
@@ -112,6 +134,7 @@ recsql_model *recsql_model_acquire(const char *path, unsigned long long max_byte
                        m->v.dim, m->v.size, m->v.crc);
         }
     }
+out:
     pthread_mutex_unlock(&lock);
     return m;
 }

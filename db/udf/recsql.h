@@ -30,7 +30,7 @@ void recsql_sanitize(char *dst, size_t dstlen, const char *src, size_t srclen);
 
 /* endpoints.c: the server-side allow-list, circuit breaker, rate-limited log. */
 const char *recsql_allow_list_path(void);
-void recsql_endpoints_refresh(void);
+unsigned long long recsql_endpoints_refresh(void); /* returns the watch generation */
 int recsql_endpoint_lookup(const char *name, recsql_endpoint *out, char *err);
 void recsql_endpoint_report(const char *name, int transport_failure);
 void recsql_log_failure(const char *name, const char *message);
@@ -42,11 +42,17 @@ int recsql_http_post(const recsql_endpoint *ep, const char *body, size_t len,
                      recsql_buf *reply, char *err, int *transport_failure);
 void recsql_http_free(void);
 
+/* watch.c: inotify on the files' directories; a new generation = something changed. */
+void recsql_watch(const char *path);
+unsigned long long recsql_watch_generation(void);
+void recsql_watch_free(void);
+
 /* models.c: vectors files mapped once per process, replaced on atomic rename. */
 typedef struct recsql_model recsql_model;
 #include "vectors.h"
 const recsql_vectors *recsql_model_vectors(const recsql_model *m);
-recsql_model *recsql_model_acquire(const char *path, unsigned long long max_bytes, char *err);
+recsql_model *recsql_model_acquire(const char *path, unsigned long long max_bytes,
+                                   unsigned long long generation, char *err);
 void recsql_model_release(recsql_model *m);
 void recsql_models_free(void);
 

@@ -56,6 +56,7 @@ typedef struct {
     char model_name[RECSQL_NAME_MAX + 1];
     size_t model_name_len;
     char text[40]; /* recsql_invoke_str's reply for an in-server score */
+    unsigned long long generation; /* watch.c's, when the statement started */
 } call_state;
 
 static __thread char last_error[RECSQL_ERR_MAX];
@@ -74,6 +75,7 @@ __attribute__((destructor)) static void unload(void)
     recsql_http_free();
     recsql_endpoints_free();
     recsql_models_free();
+    recsql_watch_free();
 }
 
 static void fail(call_state *st, const char *endpoint, const char *message)
@@ -235,7 +237,7 @@ static int score_local(call_state *st, UDF_ARGS *args, double *value)
 static int start_local(call_state *st, const recsql_endpoint *ep)
 {
     char err[RECSQL_ERR_MAX], shown[48];
-    recsql_model *m = recsql_model_acquire(ep->url, ep->max_bytes, err);
+    recsql_model *m = recsql_model_acquire(ep->url, ep->max_bytes, st->generation, err);
     if (!m) {
         char message[RECSQL_ERR_MAX];
         recsql_sanitize(shown, sizeof shown, st->name, strlen(st->name));
@@ -333,7 +335,7 @@ static udf_bool invoke_init(UDF_INIT *initid, UDF_ARGS *args, char *message, con
     initid->const_item = 0; /* every row calls the model */
     initid->decimals = 31;  /* NOT_FIXED_DEC: a double printed as is */
     initid->max_length = MAX_REPLY;
-    recsql_endpoints_refresh(); /* the allow-list is re-read per statement */
+    st->generation = recsql_endpoints_refresh(); /* the allow-list is re-read per statement */
     return 0;
 }
 
