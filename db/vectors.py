@@ -58,17 +58,33 @@ def mix64(ids: np.ndarray) -> np.ndarray:
     return z
 
 
-def hash_index(index: IdIndex) -> tuple[np.ndarray, np.ndarray]:
-    """(buckets u64[n_buckets + 1], entries {id, row}[n]): a CSR hash table of the index."""
+def hash_slots(index: IdIndex) -> tuple[np.ndarray, int]:
+    """(slots {id, row}[2^k], max_probe): the index as an open-addressing table with
+    linear probing (row -1: empty), at most half full; vectors.c reads it."""
     ids, rows = index.sorted_ids, index.sorted_rows
-    n_buckets = 1 << max(0, int(len(ids) - 1).bit_length())  # load factor <= 1
-    bucket = (mix64(ids) & np.uint64(n_buckets - 1)).astype(np.int64)
-    order = np.argsort(bucket, kind="stable")
-    entries = np.empty(len(ids), _ENTRY)
-    entries["id"], entries["row"] = ids[order], rows[order]
-    buckets = np.zeros(n_buckets + 1, np.uint64)
-    np.cumsum(np.bincount(bucket, minlength=n_buckets), out=buckets[1:])
-    return buckets, entries
+    n_slots = 1 << max(1, int(2 * len(ids) - 1).bit_length())
+    mask = np.uint64(n_slots - 1)
+    slots = np.zeros(n_slots, _ENTRY)
+    slots["row"] = -1
+    slot = (mix64(ids) & mask).astype(np.int64)
+    pending = np.arange(len(ids))
+    probe = 0
+    # Round by round: of the ids whose current slot is empty, the first per slot takes
+    # it; every id left moves one slot on. No id ever passes an empty slot, so a lookup
+    # that meets one can stop.
+    while len(pending):
+        at = slot[pending]
+        free = slots["row"][at] == -1
+        taken, first = np.unique(at[free], return_index=True)
+        winners = pending[free][first]
+        slots["id"][taken], slots["row"][taken] = ids[winners], rows[winners]
+        placed = np.zeros(len(ids), bool)
+        placed[winners] = True
+        pending = pending[~placed[pending]]
+        if len(pending):
+            probe += 1
+            slot[pending] = (slot[pending] + 1) & (n_slots - 1)
+    return slots, probe
 
 
 def _fallback(rec: Recommender, policy: str) -> tuple[str, float, np.ndarray | None]:
@@ -95,18 +111,16 @@ def write_vectors(rec: Recommender, path: str | Path, fallback: str = "null") ->
     if rec.probabilities:
         lognorm = np.ascontiguousarray(rec.user_log_normalizer, "<f4")
     kind, fallback_score, per_item = _fallback(rec, fallback)
-    user_buckets, user_entries = hash_index(rec.users)
-    item_buckets, item_entries = hash_index(rec.items)
+    user_slots, user_probe = hash_slots(rec.users)
+    item_slots, item_probe = hash_slots(rec.items)
     empty = np.empty(0, np.uint8)
     sections = [
         users,
         items,
         lognorm if lognorm is not None else empty,
         per_item if per_item is not None else empty,
-        user_buckets,
-        user_entries,
-        item_buckets,
-        item_entries,
+        user_slots,
+        item_slots,
     ]
     table, offset = [], HEADER_BYTES
     for array in sections:
@@ -114,7 +128,7 @@ def write_vectors(rec: Recommender, path: str | Path, fallback: str = "null") ->
         offset = -(-(offset + array.nbytes) // ALIGN) * ALIGN
     size = table[-1][0] + table[-1][1]
     head = struct.pack(
-        "<QIIQQQQQQIf40x",
+        "<QIIQQQQQQIfII32x",
         size,
         users.shape[1],
         1 if lognorm is not None else 0,
@@ -122,13 +136,15 @@ def write_vectors(rec: Recommender, path: str | Path, fallback: str = "null") ->
         len(items),
         len(rec.users),
         len(rec.items),
-        len(user_buckets) - 1,
-        len(item_buckets) - 1,
+        len(user_slots),
+        len(item_slots),
         FALLBACK_CODES[kind],
         fallback_score,
+        user_probe,
+        item_probe,
     )
     head += b"".join(struct.pack("<QQ", off, length) for off, length in table)
-    assert len(head) == HEADER_BYTES - 16
+    head += bytes(HEADER_BYTES - 16 - len(head))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -3,7 +3,7 @@
  * AddressSanitizer by `make fuzz_vectors`; tests run it in a subprocess.
  *
  *   fuzz_vectors FILE...   open each file; print "ERR <reason>" or, after scoring
- *                          every indexed id against a few others and some random
+ *                          every slot's id against a few others and some random
  *                          ids, "OK <scored pairs>". A crash or a sanitizer
  *                          report is the bug the fuzz test looks for.
  *   fuzz_vectors --score FILE < pairs   "user item" per line -> the score
@@ -31,8 +31,8 @@ static long probe(const recsql_vectors *v)
     long scored = 0;
     const recsql_id_index *x[2] = {&v->users, &v->items};
     for (int side = 0; side < 2; side++)
-        for (uint64_t k = 0; k < x[side]->num_ids && k < 4096; k++) {
-            int64_t id = x[side]->entries[2 * k], other = x[!side]->num_ids ? x[!side]->entries[0] : 0;
+        for (uint64_t k = 0; k < x[side]->num_slots && k < 8192; k++) {
+            int64_t id = x[side]->slots[2 * k], other = x[!side]->slots[0];
             int rc = side ? recsql_vectors_score(v, other, id, &s, err) : recsql_vectors_score(v, id, other, &s, err);
             scored += rc >= 0;
         }

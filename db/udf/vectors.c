@@ -23,10 +23,9 @@
 #define ALIGN 64
 #define CRC_CHUNK (1 << 20)
 
-enum { S_USERS, S_ITEMS, S_LOGNORM, S_FALLBACK, S_UBUCKETS, S_UENTRIES, S_IBUCKETS, S_IENTRIES, N_SECTIONS };
+enum { S_USERS, S_ITEMS, S_LOGNORM, S_FALLBACK, S_USLOTS, S_ISLOTS, N_SECTIONS };
 static const char *const section_names[N_SECTIONS] = {
-    "user vectors", "item vectors", "user normalizers", "item fallbacks",
-    "user buckets", "user entries", "item buckets",     "item entries",
+    "user vectors", "item vectors", "user normalizers", "item fallbacks", "user slots", "item slots",
 };
 
 static uint32_t u32_at(const unsigned char *p, size_t off)
@@ -95,28 +94,29 @@ static int parse(recsql_vectors *v, const unsigned char *p, size_t size, char *e
                     (unsigned long long)declared);
     uint32_t dim = u32_at(p, 24), flags = u32_at(p, 28), fallback = u32_at(p, 80);
     uint64_t nu = u64_at(p, 32), ni = u64_at(p, 40), nuid = u64_at(p, 48), niid = u64_at(p, 56);
-    uint64_t ub = u64_at(p, 64), ib = u64_at(p, 72);
+    uint64_t us = u64_at(p, 64), is = u64_at(p, 72);
+    uint32_t up = u32_at(p, 88), ip = u32_at(p, 92);
     if (dim < 1 || dim > MAX_DIM)
         return fail(err, "vectors file: dim %u outside 1..%d", dim, MAX_DIM);
     if (flags & ~1u)
         return fail(err, "vectors file: unknown flags 0x%x", flags);
     if (fallback > 2)
         return fail(err, "vectors file: unknown fallback policy %u", fallback);
-    if (nu > MAX_COUNT || ni > MAX_COUNT || nuid > MAX_COUNT || niid > MAX_COUNT || ub > MAX_COUNT ||
-        ib > MAX_COUNT)
+    if (nu > MAX_COUNT || ni > MAX_COUNT || nuid > MAX_COUNT || niid > MAX_COUNT || us > MAX_COUNT ||
+        is > MAX_COUNT)
         return fail(err, "vectors file: a count exceeds 2^40");
-    if (!ub || !ib || (ub & (ub - 1)) || (ib & (ib - 1)))
-        return fail(err, "vectors file: bucket counts must be powers of two");
+    if (!us || !is || (us & (us - 1)) || (is & (is - 1)) || nuid > us || niid > is)
+        return fail(err, "vectors file: slot counts must be powers of two, at least the ids");
+    if (up >= us || ip >= is)
+        return fail(err, "vectors file: a probe length exceeds its table");
     uint64_t expect[N_SECTIONS], row_bytes;
     if (!mul_ok(dim, 4, &row_bytes) || !mul_ok(nu, row_bytes, &expect[S_USERS]) ||
         !mul_ok(ni, row_bytes, &expect[S_ITEMS]))
         return fail(err, "vectors file: sizes overflow");
     expect[S_LOGNORM] = (flags & 1) ? nu * 4 : 0;
     expect[S_FALLBACK] = fallback == 2 ? ni * 4 : 0;
-    expect[S_UBUCKETS] = (ub + 1) * 8;
-    expect[S_UENTRIES] = nuid * 16;
-    expect[S_IBUCKETS] = (ib + 1) * 8;
-    expect[S_IENTRIES] = niid * 16;
+    expect[S_USLOTS] = us * 16;
+    expect[S_ISLOTS] = is * 16;
     const void *at[N_SECTIONS];
     for (int s = 0; s < N_SECTIONS; s++) {
         uint64_t off = u64_at(p, 128 + 16 * s), len = u64_at(p, 136 + 16 * s);
@@ -141,8 +141,8 @@ static int parse(recsql_vectors *v, const unsigned char *p, size_t size, char *e
         .item_vectors = at[S_ITEMS],
         .user_log_normalizer = (flags & 1) ? at[S_LOGNORM] : NULL,
         .item_fallback = fallback == 2 ? at[S_FALLBACK] : NULL,
-        .users = {at[S_UBUCKETS], at[S_UENTRIES], ub, nuid, nu},
-        .items = {at[S_IBUCKETS], at[S_IENTRIES], ib, niid, ni},
+        .users = {at[S_USLOTS], us, nuid, nu, up},
+        .items = {at[S_ISLOTS], is, niid, ni, ip},
     };
     return 0;
 }
@@ -218,34 +218,69 @@ static inline uint64_t mix64(uint64_t z)
     return z ^ (z >> 31);
 }
 
-/* row >= 0, -1 unknown id, -2 corrupt index */
-static inline int64_t lookup(const recsql_id_index *x, int64_t id)
+static inline uint64_t home_slot(const recsql_id_index *x, int64_t id)
 {
-    uint64_t b = mix64((uint64_t)id) & (x->num_buckets - 1);
-    uint64_t start = x->buckets[b], end = x->buckets[b + 1];
-    if (start > end || end > x->num_ids)
-        return -2;
-    for (uint64_t k = start; k < end; k++)
-        if (x->entries[2 * k] == id) {
-            int64_t row = x->entries[2 * k + 1];
-            return (row >= 0 && (uint64_t)row < x->num_rows) ? row : -2;
-        }
+    return mix64((uint64_t)id) & (x->num_slots - 1);
+}
+
+/* row >= 0, -1 unknown id, -2 corrupt index. At most max_probe + 1 slots. */
+static inline int64_t find_row(const recsql_id_index *x, int64_t id, uint64_t slot)
+{
+    const uint64_t mask = x->num_slots - 1;
+    for (uint32_t p = 0; p <= x->max_probe; p++, slot = (slot + 1) & mask) {
+        const int64_t *s = x->slots + 2 * slot;
+        if (s[1] == -1)
+            return -1;
+        if (s[0] == id)
+            return (s[1] >= 0 && (uint64_t)s[1] < x->num_rows) ? s[1] : -2;
+    }
     return -1;
+}
+
+static inline void prefetch_row(const float *row, uint32_t dim)
+{
+    for (uint32_t k = 0; k < dim; k += 16) /* one 64-byte line per 16 floats */
+        __builtin_prefetch(row + k);
+}
+
+/* sum a[k] * b[k] in double over 4 independent lanes: no serial chain of adds */
+static inline double dot(const float *a, const float *b, uint32_t dim)
+{
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    uint32_t k = 0;
+    for (; k + 4 <= dim; k += 4) {
+        s0 += (double)a[k] * b[k];
+        s1 += (double)a[k + 1] * b[k + 1];
+        s2 += (double)a[k + 2] * b[k + 2];
+        s3 += (double)a[k + 3] * b[k + 3];
+    }
+    for (; k < dim; k++)
+        s0 += (double)a[k] * b[k];
+    return (s0 + s1) + (s2 + s3);
 }
 
 int recsql_vectors_score(const recsql_vectors *v, int64_t user_id, int64_t item_id, double *score,
                          char err[RECSQL_VECTORS_ERR])
 {
-    int64_t u = lookup(&v->users, user_id), i = lookup(&v->items, item_id);
+    /* Both ids' home slots are loaded side by side, so their cache misses overlap,
+     * then the two vectors are prefetched before the dot product reads them. */
+    const recsql_id_index *us = &v->users, *it = &v->items;
+    uint64_t hu = home_slot(us, user_id), hi = home_slot(it, item_id);
+    __builtin_prefetch(us->slots + 2 * hu);
+    __builtin_prefetch(it->slots + 2 * hi);
+    int64_t u = find_row(us, user_id, hu);
+    int64_t i = find_row(it, item_id, hi);
     if (u == -2 || i == -2)
         return fail(err, "vectors file: corrupt %s index", u == -2 ? "user" : "item");
     float value = NAN;
     if (u >= 0 && i >= 0) {
         const float *a = v->user_vectors + (size_t)u * v->dim, *b = v->item_vectors + (size_t)i * v->dim;
-        double dot = 0.0; /* accumulated in double, rounded once: within an ulp of numpy's */
-        for (uint32_t k = 0; k < v->dim; k++)
-            dot += (double)a[k] * (double)b[k];
-        value = (float)dot;
+        prefetch_row(a, v->dim);
+        prefetch_row(b, v->dim);
+        if (v->probabilities)
+            __builtin_prefetch(v->user_log_normalizer + u);
+        /* accumulated in double, rounded once: within an ulp or two of numpy's float32 */
+        value = (float)dot(a, b, v->dim);
         if (v->probabilities) { /* as Recommender._to_probability: exp(min(logit - log Z, 0)) */
             float logit = value - v->user_log_normalizer[u];
             value = (float)exp((double)(logit > 0.0f ? 0.0f : logit)); /* NaN stays NaN */

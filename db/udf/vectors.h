@@ -8,17 +8,19 @@
  *   28  u32 flags (bit 0: softmax probabilities, section 2 present)
  *   32  u64 num_users (vector rows)   40  u64 num_items
  *   48  u64 num_user_ids              56  u64 num_item_ids
- *   64  u64 user_buckets              72  u64 item_buckets (powers of two)
+ *   64  u64 user_slots                72  u64 item_slots (powers of two)
  *   80  u32 fallback (0 null, 1 constant, 2 per item + constant)
- *   84  f32 fallback_score            88  reserved (zero) up to 128
- *   128 8 x {u64 offset, u64 length}: the sections, in this order:
+ *   84  f32 fallback_score
+ *   88  u32 user_max_probe            92  u32 item_max_probe
+ *   96  reserved (zero) up to 128
+ *   128 6 x {u64 offset, u64 length}: the sections, in this order:
  *       user vectors f32[num_users][dim], item vectors f32[num_items][dim],
  *       user log normalizers f32[num_users] (flag bit 0, else empty),
  *       item fallback scores f32[num_items] (fallback 2, else empty),
- *       user buckets u64[user_buckets + 1], user entries {i64 id, i64 row}[num_user_ids],
- *       item buckets u64[item_buckets + 1], item entries {i64 id, i64 row}[num_item_ids].
- * An id index is a hash table in CSR form: bucket = mix64(id) & (buckets - 1),
- * its entries are entries[buckets[b] .. buckets[b + 1]).
+ *       user slots {i64 id, i64 row}[user_slots], item slots {i64 id, i64 row}[item_slots].
+ * An id index is an open-addressing hash table with linear probing: an id's
+ * home slot is mix64(id) & (slots - 1), it lies at most max_probe slots further
+ * on, and a slot with row -1 is empty. One cache miss finds an id's row.
  *
  * The reader trusts nothing: every count, offset and length is checked when the
  * file is opened, and every bucket bound and row number when it is used, so a
@@ -37,9 +39,9 @@
 #define RECSQL_VECTORS_ERR 128
 
 typedef struct {
-    const uint64_t *buckets;
-    const int64_t *entries; /* id, row, id, row, ... */
-    uint64_t num_buckets, num_ids, num_rows;
+    const int64_t *slots; /* id, row, id, row, ...; row -1: empty */
+    uint64_t num_slots, num_ids, num_rows;
+    uint32_t max_probe;
 } recsql_id_index;
 
 typedef struct {
