@@ -61,6 +61,24 @@ static void unref_locked(recsql_model *m)
     }
 }
 
+/* The cache's reference to a file that was removed or replaced is dropped, so a
+ * model no statement uses any more is unmapped even if its name is never called
+ * again (statements still running keep their own reference). */
+static unsigned long long swept;
+static void sweep_locked(const slot *keep, unsigned long long generation)
+{
+    struct stat st;
+    for (int i = 0; i < n_slots; i++) {
+        slot *s = &slots[i];
+        if (s == keep || !s->current || (stat(s->path, &st) == 0 && maps(s->current, &st)))
+            continue;
+        unref_locked(s->current);
+        s->current = NULL;
+        s->checked = 0;
+    }
+    swept = generation;
+}
+
 static slot *slot_for(const char *path)
 {
     for (int i = 0; i < n_slots; i++)
@@ -87,6 +105,8 @@ recsql_model *recsql_model_acquire(const char *path, unsigned long long max_byte
         snprintf(err, RECSQL_ERR_MAX, "more than %d vectors files in use", MAX_FILES);
         goto out;
     }
+    if (generation != swept) /* something changed: let go of files that are gone or replaced */
+        sweep_locked(s, generation);
     if (s->checked == generation) { /* nothing changed in its directory since the last check */
         if ((m = s->current))
             m->refs++;

@@ -500,3 +500,20 @@ def test_recsql_score_in_server(mysql_url, fresh_database, entry, models) -> Non
         assert query(conn, "SELECT COUNT(*) FROM scores") == [(1000,)]
     finally:
         conn.close()
+
+
+def test_a_removed_file_is_unmapped(mysql_conn, entry, models) -> None:
+    """The server lets go of a file that was removed, once anything changes, even if its
+    name is never called again (no 900 MB model kept mapped by a forgotten entry)."""
+    pid = _server_pid(mysql_conn)
+    if pid is None:
+        pytest.skip("the server's /proc is not visible from here")
+    rec = load_model(models["mse"])
+    gone, gone_path = entry(rec)
+    other, _ = entry(rec)
+    u, i = int(USERS[0]), int(ITEMS[0])
+    assert query(mysql_conn, "SELECT recsql_invoke(%s, %s, %s)", (gone, u, i))[0][0] is not None
+    assert _mappings(pid, gone_path) == 1
+    gone_path.unlink()
+    assert query(mysql_conn, "SELECT recsql_invoke(%s, %s, %s)", (other, u, i))[0][0] is not None
+    assert _mappings(pid, gone_path) == 0
