@@ -283,8 +283,7 @@ def in_server(args: argparse.Namespace) -> list[str]:
 
         shutil.rmtree(tmp, ignore_errors=True)
     out.append(
-        "\nOne run of everything on this 2-core machine, shared with other sessions' jobs; "
-        "MariaDB, the endpoint and the client share the CPUs."
+        "\nMariaDB, the endpoint and the client share the machine's cores."
     )
     return out
 
