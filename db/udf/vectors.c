@@ -12,7 +12,11 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <zlib.h>
+
+/* zlib's crc32, the checksum Python's zlib.crc32 computes. Declared here and linked
+ * against the runtime library (libz.so.1, always installed) so that building needs
+ * no zlib headers; the signature is zlib's stable ABI. */
+extern unsigned long crc32(unsigned long crc, const unsigned char *buf, unsigned int len);
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the vectors file is little-endian; this reader maps it as is"
@@ -59,7 +63,7 @@ static int file_crc(int fd, size_t size, uint32_t *out)
     unsigned char *buf = malloc(CRC_CHUNK);
     if (!buf)
         return -1;
-    uLong crc = crc32(0L, Z_NULL, 0);
+    unsigned long crc = 0;
     for (size_t off = 16; off < size;) {
         size_t want = size - off < CRC_CHUNK ? size - off : CRC_CHUNK;
         ssize_t got = pread(fd, buf, want, (off_t)off);
@@ -69,7 +73,7 @@ static int file_crc(int fd, size_t size, uint32_t *out)
             free(buf);
             return -1;
         }
-        crc = crc32(crc, buf, (uInt)got);
+        crc = crc32(crc, buf, (unsigned int)got);
         off += (size_t)got;
     }
     free(buf);
