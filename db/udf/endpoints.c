@@ -245,16 +245,17 @@ static void parse_file(const char *path, FILE *f, const struct stat *st)
 static unsigned long long refresh_locked(void)
 {
     static unsigned long long checked;
-    static const char *watched;
+    static const char *watched_path;
+    static int watched;
     const char *path = recsql_allow_list_path();
     struct stat st;
     char why[RECSQL_ERR_MAX];
-    if (watched != path) { /* before the first stat: a change after that is an event */
-        recsql_watch(path);
-        watched = path;
+    if (watched_path != path) { /* before the first stat: a change after that is an event */
+        watched = recsql_watch(path);
+        watched_path = path;
     }
     unsigned long long generation = recsql_watch_generation();
-    if (load_state && checked == generation)
+    if (load_state && watched && checked == generation)
         return generation; /* nothing changed in its directory (watch.c) */
     checked = generation;
     if (stat(path, &st) != 0) {

@@ -35,6 +35,7 @@ typedef struct {
     struct stat bad_st; /* the file that failed, and why */
     char bad_error[RECSQL_ERR_MAX];
     unsigned long long checked; /* the watch generation it was last checked at (watch.c) */
+    int watched;                /* 0: stat it every time */
 } slot;
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -89,7 +90,7 @@ static slot *slot_for(const char *path)
     slot *s = &slots[n_slots++];
     memset(s, 0, sizeof *s);
     snprintf(s->path, sizeof s->path, "%s", path);
-    recsql_watch(path); /* before its first stat: a change after that is an event */
+    s->watched = recsql_watch(path); /* before its first stat: a change after it is an event */
     return s;
 }
 
@@ -107,7 +108,7 @@ recsql_model *recsql_model_acquire(const char *path, unsigned long long max_byte
     }
     if (generation != swept) /* something changed: let go of files that are gone or replaced */
         sweep_locked(s, generation);
-    if (s->checked == generation) { /* nothing changed in its directory since the last check */
+    if (s->watched && s->checked == generation) { /* nothing changed in its directory */
         if ((m = s->current))
             m->refs++;
         else

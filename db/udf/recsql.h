@@ -43,7 +43,7 @@ int recsql_http_post(const recsql_endpoint *ep, const char *body, size_t len,
 void recsql_http_free(void);
 
 /* watch.c: inotify on the files' directories; a new generation = something changed. */
-void recsql_watch(const char *path);
+int recsql_watch(const char *path); /* 0: not watchable, stat it every time */
 unsigned long long recsql_watch_generation(void);
 void recsql_watch_free(void);
 

@@ -9,7 +9,8 @@
  * at the current generation is still valid, otherwise the caller stats its
  * path as before. The kernel queues the event before rename(2) returns, so a
  * statement that starts after a replace always sees it. Where inotify is not
- * available every call is a new generation: always stat, as before.
+ * available every call is a new generation: always stat, as before; a path
+ * that cannot be watched (a symbolic link) is stat'ed by its caller every time.
  */
 #define _GNU_SOURCE
 #include "recsql.h"
@@ -34,27 +35,26 @@ static void open_locked(void)
         fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
 }
 
-void recsql_watch(const char *path)
+/* 1: changes to `path` now show as a new generation; 0: they may not (a symbolic
+ * link, whose target changes in another directory, or a directory that cannot be
+ * watched): the caller must stat it every time. */
+int recsql_watch(const char *path)
 {
     char dir[RECSQL_URL_MAX + 1];
     const char *slash = strrchr(path, '/');
     size_t n = slash ? (size_t)(slash - path) : 0;
-    if (n >= sizeof dir)
-        return;
+    struct stat st;
+    if (n >= sizeof dir || (lstat(path, &st) == 0 && S_ISLNK(st.st_mode)))
+        return 0;
     memcpy(dir, path, n);
     dir[n] = '\0';
-    struct stat st;
-    int symlink = lstat(path, &st) == 0 && S_ISLNK(st.st_mode);
     pthread_mutex_lock(&lock);
     open_locked();
-    /* the same directory again gives the same watch. A failure, or a symbolic link
-     * (its target changes in another directory), means "always stat". */
-    if (fd >= 0 && (symlink || inotify_add_watch(fd, n ? dir : "/", EVENTS) < 0)) {
-        close(fd);
-        fd = -1;
-    }
+    /* the same directory again gives the same watch */
+    int watched = fd >= 0 && inotify_add_watch(fd, n ? dir : "/", EVENTS) >= 0;
     generation++; /* a new path was never checked at any generation */
     pthread_mutex_unlock(&lock);
+    return watched;
 }
 
 unsigned long long recsql_watch_generation(void)

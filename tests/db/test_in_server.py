@@ -517,3 +517,72 @@ def test_a_removed_file_is_unmapped(mysql_conn, entry, models) -> None:
     gone_path.unlink()
     assert query(mysql_conn, "SELECT recsql_invoke(%s, %s, %s)", (other, u, i))[0][0] is not None
     assert _mappings(pid, gone_path) == 0
+
+
+def test_cli_install_and_score_in_server(
+    mysql_url, fresh_database, vec_dir, models, allow_list, tmp_path, capsys
+) -> None:
+    """`recsql sql install --in-server` and `recsql score --in-server` as a user types them."""
+    import json
+
+    from recsql_cli import main
+
+    url = mysql_url.rsplit("/", 1)[0] + "/" + fresh_database
+    name = f"rvec-cli-{uuid.uuid4().hex[:8]}"
+    allow_list[1].append(name)
+    functions = tmp_path / "functions.json"
+    functions.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "will_purchase",
+                    "args": [["user_id", "BIGINT"], ["product_id", "BIGINT"]],
+                    "returns": "FLOAT",
+                    "endpoint": name,
+                }
+            ]
+        )
+    )
+    common = ["--engine", "mysql", "--db", url, "--functions", str(functions)]
+    assert main(["sql", "install", *common, "--in-server"]) == 1
+    assert "--in-server needs --model-dir" in capsys.readouterr().err
+    vectors = vec_dir / f"{name}.vectors"
+    argv = ["sql", "install", *common, "--in-server", "--model-dir", str(models["softmax"])]
+    assert main([*argv, "--vectors", str(vectors), "--fallback", "mean"]) == 0
+    assert f"in-server model {vectors}" in capsys.readouterr().out
+    conn = mysql_connect(url)
+    try:
+        query(conn, "CREATE TABLE pairs (u BIGINT, p BIGINT)")
+        query(
+            conn,
+            "INSERT INTO pairs VALUES (%s, %s), (1, 2), (NULL, 3)",
+            (int(USERS[0]), int(ITEMS[0])),
+        )
+        score = ["score", *common, "--in-server", "--on-error", "null", "--no-progress"]
+        assert main([*score, "--query", "SELECT u, p FROM pairs"]) == 0
+        assert "scored 3 rows into scores" in capsys.readouterr().out
+        rows = query(conn, "SELECT user_id, CAST(score AS DOUBLE) FROM scores ORDER BY user_id")
+        rec = load_model(models["softmax"])
+        assert rows[0] == (None, None)  # a NULL argument: NULL, even under fallback mean
+        assert near(rows[1][1], 1.0 / len(ITEMS))  # unknown ids: the mean fallback
+        assert near(rows[2][1], float(rec.score(USERS[:1], ITEMS[:1])[0]))
+    finally:
+        conn.close()
+
+
+def test_reload_through_a_symbolic_link(mysql_conn, entry, models, vec_dir) -> None:
+    """The allow-list may name a link (e.g. to a versioned file elsewhere): replacing the
+    link's target, in another directory, is seen by the next statement too."""
+    recs = [load_model(models["softmax"]), load_model(models["softmax2"])]
+    elsewhere = vec_dir / f"real-{uuid.uuid4().hex[:8]}"
+    elsewhere.mkdir()
+    elsewhere.chmod(0o755)
+    target = elsewhere / "model.vectors"
+    write_vectors(recs[0], target)
+    name, link = entry(None)
+    link.symlink_to(target)
+    u, i = int(USERS[2]), int(ITEMS[4])
+    for n in (0, 1, 0):
+        write_vectors(recs[n], target)
+        got = query(mysql_conn, "SELECT recsql_invoke(%s, %s, %s)", (name, u, i))[0][0]
+        assert near(got, float(recs[n].score(np.array([u]), np.array([i]))[0]))
