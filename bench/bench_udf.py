@@ -282,9 +282,7 @@ def in_server(args: argparse.Namespace) -> list[str]:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    out.append(
-        "\nMariaDB, the endpoint and the client share the machine's cores."
-    )
+    out.append("\nMariaDB, the endpoint and the client share the machine's cores.")
     return out
 
 
