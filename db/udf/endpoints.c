@@ -321,6 +321,17 @@ int recsql_endpoint_lookup(const char *name, recsql_endpoint *out, char *err)
     return rc;
 }
 
+int recsql_allow_list_names(const char *path)
+{
+    int listed = 0;
+    pthread_mutex_lock(&lock);
+    refresh_locked();
+    for (int i = 0; i < table_len && !listed; i++)
+        listed = table[i].ep.local && !strcmp(table[i].ep.url, path);
+    pthread_mutex_unlock(&lock);
+    return listed;
+}
+
 void recsql_endpoint_report(const char *name, int transport_failure)
 {
     pthread_mutex_lock(&lock);

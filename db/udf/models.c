@@ -22,7 +22,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#define MAX_FILES 64
+#define MAX_FILES 256 /* files mapped at once */
 
 struct recsql_model {
     recsql_vectors v;
@@ -62,16 +62,18 @@ static void unref_locked(recsql_model *m)
     }
 }
 
-/* The cache's reference to a file that was removed or replaced is dropped, so a
- * model no statement uses any more is unmapped even if its name is never called
- * again (statements still running keep their own reference). */
+/* The cache's reference to a file that was removed, replaced or taken off the
+ * allow-list is dropped, so a model no statement uses any more is unmapped even if
+ * its name is never called again (statements still running keep their own
+ * reference), and its slot can be reused. */
 static unsigned long long swept;
 static void sweep_locked(const slot *keep, unsigned long long generation)
 {
     struct stat st;
     for (int i = 0; i < n_slots; i++) {
         slot *s = &slots[i];
-        if (s == keep || !s->current || (stat(s->path, &st) == 0 && maps(s->current, &st)))
+        if (s == keep || !s->current ||
+            (stat(s->path, &st) == 0 && maps(s->current, &st) && recsql_allow_list_names(s->path)))
             continue;
         unref_locked(s->current);
         s->current = NULL;
@@ -82,16 +84,21 @@ static void sweep_locked(const slot *keep, unsigned long long generation)
 
 static slot *slot_for(const char *path)
 {
-    for (int i = 0; i < n_slots; i++)
+    slot *free_slot = NULL;
+    for (int i = 0; i < n_slots; i++) {
         if (!strcmp(slots[i].path, path))
             return &slots[i];
-    if (n_slots == MAX_FILES)
+        if (!slots[i].current && !free_slot)
+            free_slot = &slots[i]; /* a file no longer mapped: its slot can be reused */
+    }
+    if (!free_slot && n_slots < MAX_FILES)
+        free_slot = &slots[n_slots++];
+    if (!free_slot)
         return NULL;
-    slot *s = &slots[n_slots++];
-    memset(s, 0, sizeof *s);
-    snprintf(s->path, sizeof s->path, "%s", path);
-    s->watched = recsql_watch(path); /* before its first stat: a change after it is an event */
-    return s;
+    memset(free_slot, 0, sizeof *free_slot);
+    snprintf(free_slot->path, sizeof free_slot->path, "%s", path);
+    free_slot->watched = recsql_watch(path); /* before its first stat: a change after it is an event */
+    return free_slot;
 }
 
 /* `generation`: recsql_watch_generation() at the start of the statement. */

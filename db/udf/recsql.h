@@ -33,6 +33,7 @@ const char *recsql_allow_list_path(void);
 unsigned long long recsql_endpoints_refresh(void); /* returns the watch generation */
 int recsql_endpoint_lookup(const char *name, recsql_endpoint *out, char *err);
 void recsql_endpoint_report(const char *name, int transport_failure);
+int recsql_allow_list_names(const char *path); /* 1: a file:// entry maps to path */
 void recsql_log_failure(const char *name, const char *message);
 void recsql_log(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void recsql_endpoints_free(void);

@@ -586,3 +586,30 @@ def test_reload_through_a_symbolic_link(mysql_conn, entry, models, vec_dir) -> N
         write_vectors(recs[n], target)
         got = query(mysql_conn, "SELECT recsql_invoke(%s, %s, %s)", (name, u, i))[0][0]
         assert near(got, float(recs[n].score(np.array([u]), np.array([i]))[0]))
+
+
+def test_a_long_lived_server_keeps_taking_new_models(mysql_conn, allow_list, vec_dir, models):
+    """Hundreds of models, each listed, called and taken off the allow-list in turn: the
+    server keeps scoring (a file's cache slot is reused once it is unmapped) and keeps
+    at most a few of them mapped."""
+    path, names = allow_list
+    rec = load_model(models["mse"])
+    base = vec_dir / "many.vectors"
+    write_vectors(rec, base)
+    u, i = int(USERS[0]), int(ITEMS[0])
+    want = float(rec.score(np.array([u]), np.array([i]))[0])
+    for n in range(300):
+        name = f"rvec-many-{uuid.uuid4().hex[:8]}"
+        vectors = vec_dir / f"{name}.vectors"
+        shutil.copyfile(base, vectors)
+        vectors.chmod(0o644)
+        write_allow_list(path, {name: Vectors(vectors)})
+        rows = query(
+            mysql_conn, "SELECT recsql_invoke(%s, %s, %s), recsql_last_error()", (name, u, i)
+        )
+        assert rows[0][1] is None and near(rows[0][0], want), (n, rows)
+        write_allow_list(path, {}, remove=[name])
+    pid = _server_pid(mysql_conn)
+    if pid is not None:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert maps.count("rvec-many-") <= 2
