@@ -197,7 +197,7 @@ def in_server(args: argparse.Namespace) -> list[str]:
     url = f"{base}/{database}"
     tmp = Path(tempfile.mkdtemp(prefix="recsql-bench-"))
     tmp.chmod(0o755)  # the server's user reads the vectors file
-    names = ["bench-vec", "bench-http"]
+    names = ["bench-vec", "bench-small", "bench-http"]
     allow_list = None
     out = [
         f"## In-server scoring on MariaDB (bench_udf.py --in-server, {rows:,} pairs)\n",
@@ -224,10 +224,14 @@ def in_server(args: argparse.Namespace) -> list[str]:
         info = export_vectors(model_dir, tmp / "bench.vectors")
         out.insert(2, f"Vectors file {info.bytes / 1e6:,.0f} MB.\n")
         fn = replace(WILL_PURCHASE, endpoint="bench-vec")
-        allow_list = install_udf(
-            admin, {"bench-vec": Vectors(info.path)}, [fn], so_path=build_udf()
-        )
-        create_functions(admin, [fn], strict=True)
+        # a small model too (500 users x 200 items, 8-dim: it stays in the CPU caches), so
+        # the wrapper's own cost shows apart from the big model's cache misses
+        small_dir = random_mfblock(tmp / "small", np.arange(500), np.arange(200), 8)
+        small = export_vectors(small_dir, tmp / "small.vectors")
+        small_fn = replace(WILL_PURCHASE, name="will_purchase_small", endpoint="bench-small")
+        entries = {"bench-vec": Vectors(info.path), "bench-small": Vectors(small.path)}
+        allow_list = install_udf(admin, entries, [fn, small_fn], so_path=build_udf())
+        create_functions(admin, [fn, small_fn], strict=True)
         with admin.cursor() as cur:
             cur.execute(
                 "CREATE FUNCTION bench_trivial(user_id BIGINT, product_id BIGINT) RETURNS FLOAT "
@@ -238,6 +242,13 @@ def in_server(args: argparse.Namespace) -> list[str]:
             ("in-server, direct", "SUM(recsql_invoke('bench-vec', u, p))", rows),
             ("in-server, wrapper", "SUM(will_purchase(u, p))", rows),
             ("trivial wrapper (ceiling)", "SUM(bench_trivial(u, p))", rows),
+            (
+                "in-server, direct, small model",
+                "SUM(recsql_invoke('bench-small', u % 500, p % 200))",
+                rows,
+            ),
+            ("in-server, wrapper, small model", "SUM(will_purchase_small(u % 500, p % 200))", rows),
+            ("trivial wrapper, same arguments", "SUM(bench_trivial(u % 500, p % 200))", rows),
         ]
         for label, expr, n in cases:
             sql = f"SELECT {expr} FROM pairs"
