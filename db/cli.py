@@ -135,6 +135,25 @@ def _add_sql(subparsers: argparse._SubParsersAction) -> None:
     )
     inst.add_argument("--region", help="aurora: AWS region (default: boto3's)")
     inst.add_argument("--role-name", default="recsql-aurora-sagemaker", help="aurora: IAM role")
+    inst.add_argument(
+        "--in-server",
+        action="store_true",
+        help="mysql: score inside the server from a vectors file exported from --model-dir "
+        "(a recommender), instead of calling the HTTP endpoint; re-run to replace the model",
+    )
+    inst.add_argument("--model-dir", type=Path, help="--in-server: the recommender artifact")
+    inst.add_argument(
+        "--vectors",
+        type=Path,
+        help="--in-server: the vectors file the server maps (default "
+        "/var/lib/recsql/recsql.vectors; the server must be able to read it)",
+    )
+    inst.add_argument(
+        "--fallback",
+        choices=("null", "mean", "popularity"),
+        default="null",
+        help="--in-server: score of unknown ids, as the endpoint's RECSQL_FALLBACK (default null)",
+    )
     _add_endpoint_args(inst)
     inst.set_defaults(func=_run_install)
 
@@ -183,6 +202,16 @@ def _run_install(args: argparse.Namespace) -> int:
         from db import mysql_udf
     except ModuleNotFoundError as exc:
         raise BadRequest("the MySQL/MariaDB loadable function is not available") from exc
+    if args.in_server:
+        if not args.model_dir:
+            raise BadRequest("--in-server needs --model-dir (the recommender to export)")
+        vectors = args.vectors or mysql_udf.DEFAULT_VECTORS_DIR / "recsql.vectors"
+        print(
+            mysql_udf.install_in_server(
+                args.db, functions, args.model_dir, vectors, fallback=args.fallback
+            )
+        )
+        return 0
     endpoints = _endpoints(args)
     print(mysql_udf.install_mysql_functions(args.db, functions, endpoints.urls))
     return 0
@@ -344,6 +373,13 @@ def _add_score(subparsers: argparse._SubParsersAction) -> None:
         "or makes its rows NULL",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--in-server",
+        action="store_true",
+        help="mysql: score inside the server with the in-server model (`recsql sql install "
+        "--in-server`) in one INSERT ... SELECT; --on-error null calls the loadable function "
+        "directly (fastest), error goes through the strict wrapper",
+    )
     _add_endpoint_args(p)
     p.set_defaults(func=_run_score)
 
@@ -363,6 +399,13 @@ def _run_score(args: argparse.Namespace) -> int:
         args.on_error,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
+    if args.in_server:
+        from db.score import score_mysql_in_server
+
+        if args.engine != "mysql":
+            raise BadRequest("--in-server is for --engine mysql")
+        print(score_mysql_in_server(args.db, args.query, opts).summary())
+        return 0
     endpoints = _endpoints(args)
     try:
         if args.engine == "mysql":

@@ -3,8 +3,10 @@
 events (synthetic, or files you name) -> train MFBlock on CPU -> start the
 server on loopback -> load the events into DuckDB (or MySQL with
 RECSQL_MYSQL_URL) -> create the SQL functions -> run the example queries ->
-stop the server. Training and serving run as `recsql` subprocesses: db/ talks
-to them the way a user would, over the CLI and HTTP.
+stop the server. On MySQL/MariaDB the functions score inside the server from
+the model's vectors file (db/vectors.py); --http makes them call the server.
+Training and serving run as `recsql` subprocesses: db/ talks to them the way
+a user would, over the CLI and HTTP.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--mysql-url",
         default=os.environ.get("RECSQL_MYSQL_URL"),
         help="use MySQL/MariaDB instead of DuckDB (default $RECSQL_MYSQL_URL)",
+    )
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="MySQL/MariaDB: score over HTTP through the server, as Aurora does, instead of "
+        "inside the database from the model's vectors file (the default)",
     )
 
 
@@ -101,16 +109,35 @@ def run_demo(args: argparse.Namespace) -> int:
         else:
             print(load_events_mysql(args.mysql_url, events).summary())
             step("create the SQL functions")
-            from db.mysql_udf import install_mysql_functions
-
-            print(install_mysql_functions(args.mysql_url, DEFAULT_FUNCTIONS, {"recsql": url}))
-            con = mysql_connect(args.mysql_url)
+            con = _install_mysql(args, model_dir, url)
         step("run the example SQL")
         _run_examples(engine, con)
     finally:
         _stop_server(server)
     print(f"\ndone. Model: {model_dir}  Server log: {work / 'server.log'}")
     return 0
+
+
+def _install_mysql(args: argparse.Namespace, model_dir: Path, url: str) -> Any:
+    """will_purchase on MySQL/MariaDB: scored in-server from the model's vectors file, or
+    (--http) by the loadable function calling the server; returns a connection."""
+    from db.mysql_udf import install_in_server, install_mysql_functions
+
+    if args.http:
+        print(install_mysql_functions(args.mysql_url, DEFAULT_FUNCTIONS, {"recsql": url}))
+        print(f"will_purchase scores over HTTP: endpoint recsql = {url}")
+        return mysql_connect(args.mysql_url)
+    vectors = (args.workdir / "model.vectors").absolute()
+    print(install_in_server(args.mysql_url, DEFAULT_FUNCTIONS, model_dir, vectors))
+    print("will_purchase scores inside the server (no HTTP); `recsql demo --http` calls the server")
+    con = mysql_connect(args.mysql_url)
+    with con.cursor() as cur:  # a server that cannot read the file says why: stop here
+        cur.execute("SELECT recsql_invoke('recsql', 0, 0) IS NULL, recsql_last_error()")
+        (_, error) = cur.fetchone()
+    if error:
+        error = error.decode() if isinstance(error, bytes) else error
+        raise RecsqlError(f"in-server scoring failed: {error} (or run the demo with --http)")
+    return con
 
 
 def _run_examples(engine: str, con: Any) -> None:

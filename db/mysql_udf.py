@@ -12,6 +12,10 @@ Four steps, each a function the CLI and tests call:
 - `drop_functions(conn, functions)` / `uninstall_udf(conn)` undo them.
 - `install_mysql_functions(url, functions, endpoints)` does it all (`recsql sql install`).
 
+In-server scoring: an endpoint given as `Vectors(path)` is an allow-list line
+`name file:///path`; the same wrappers then score from that vectors file
+(db/vectors.py writes it) inside the server, with no HTTP request.
+
 Failure policy (see db/udf/recsql_udf.c): `will_purchase` returns NULL when
 the endpoint fails and the server logs the reason at most once per statement;
 `will_purchase_strict` raises SQLSTATE 45000 with the reason. NULL arguments
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 UDF_SOURCE_DIR = Path(__file__).resolve().parent / "udf"
 SONAME = "recsql_udf.so"
 DEFAULT_ALLOW_LIST = Path("/etc/mysql/recsql-endpoints.conf")  # the .so's compiled-in default
+DEFAULT_VECTORS_DIR = Path("/var/lib/recsql")  # where `--in-server` writes vectors files
 STRICT_SUFFIX = "_strict"
 # name -> return type of the loadable functions in recsql_udf.so
 LOADABLE_FUNCTIONS = {
@@ -94,7 +99,26 @@ class Endpoint:
         return " ".join(parts)
 
 
-EndpointSpec = str | tuple[str, str | None] | Endpoint
+@dataclass(frozen=True)
+class Vectors:
+    """One allow-list line for in-server scoring: the name maps to a vectors file
+    (db/vectors.py) that recsql_udf.so memory-maps; `max_mb` caps the file it maps."""
+
+    path: Path
+    max_mb: int | None = None  # the .so's default is 65536
+
+    def __post_init__(self) -> None:
+        path = str(self.path)
+        if not path.startswith("/") or any(c.isspace() for c in path) or "/../" in path:
+            raise DataError(f"vectors file must be an absolute path without spaces: {path!r}")
+        if self.max_mb is not None and not 1 <= self.max_mb <= 1 << 24:
+            raise DataError(f"max_mb must be 1..{1 << 24}, got {self.max_mb}")
+
+    def line(self, name: str) -> str:
+        return f"{name} file://{self.path}" + (f" max_mb={self.max_mb}" if self.max_mb else "")
+
+
+EndpointSpec = str | tuple[str, str | None] | Endpoint | Vectors
 
 
 def install_mysql_functions(
@@ -109,6 +133,31 @@ def install_mysql_functions(
     finally:
         conn.close()
     return f"created {', '.join(created)}; endpoints in {allow_list}"
+
+
+def install_in_server(
+    url: str,
+    functions: Iterable[SqlFunction],
+    model_dir: Path,
+    vectors_path: Path = DEFAULT_VECTORS_DIR / "recsql.vectors",
+    *,
+    fallback: str = "null",
+    max_mb: int | None = None,
+) -> str:
+    """Export `model_dir` to a vectors file and install `functions` to score from it in
+    the server: every endpoint they name maps to that file. Re-running replaces the
+    file atomically (the next statement uses the new model)."""
+    from db.vectors import export_vectors
+
+    functions = list(functions)
+    vectors_path = Path(vectors_path).absolute()
+    info = export_vectors(model_dir, vectors_path, fallback)
+    entry = Vectors(vectors_path, max_mb)
+    summary = install_mysql_functions(url, functions, {f.endpoint: entry for f in functions})
+    return (
+        f"{summary}; in-server model {vectors_path} ({info.users} users, {info.items} items, "
+        f"dim {info.dim}, {info.bytes / 1e6:.1f} MB, fallback {fallback})"
+    )
 
 
 def build_udf(source_dir: Path = UDF_SOURCE_DIR, build_dir: Path | None = None) -> Path:
@@ -208,7 +257,7 @@ def allow_list_name(function: SqlFunction) -> str:
 
 def allow_list_entries(
     endpoints: Mapping[str, EndpointSpec], functions: Iterable[SqlFunction]
-) -> dict[str, Endpoint]:
+) -> dict[str, Endpoint | Vectors]:
     entries = {name: _endpoint(spec) for name, spec in endpoints.items()}
     for function in functions:
         if function.endpoint not in entries:
@@ -218,6 +267,11 @@ def allow_list_entries(
             )
         if function.target_model is not None:
             base = entries[function.endpoint]
+            if isinstance(base, Vectors):
+                raise DataError(
+                    f"function {function.name} names a target model; endpoint "
+                    f"{function.endpoint!r} is a vectors file, which holds one model"
+                )
             entries[allow_list_name(function)] = Endpoint(
                 base.url, function.target_model, base.timeout_ms, base.connect_timeout_ms
             )
@@ -235,7 +289,7 @@ def read_allow_list(path: Path) -> dict[str, str]:
 
 
 def write_allow_list(
-    path: Path, entries: Mapping[str, Endpoint], *, remove: Iterable[str] = ()
+    path: Path, entries: Mapping[str, Endpoint | Vectors], *, remove: Iterable[str] = ()
 ) -> None:
     """Add or replace `entries` and drop `remove` in the allow-list, atomically (mode 0644).
 
@@ -248,7 +302,8 @@ def write_allow_list(
     lines.update({name: endpoint.line(name) for name, endpoint in entries.items()})
     header = (
         "# recsql endpoint allow-list: name URL [target_model] [timeout_ms=N] "
-        "[connect_timeout_ms=N]\n# Written by recsql (db/mysql_udf.py); read by recsql_udf.so.\n"
+        "[connect_timeout_ms=N]\n#   or: name file:///path/to/model.vectors [max_mb=N]\n"
+        "# Written by recsql (db/mysql_udf.py); read by recsql_udf.so.\n"
     )
     body = header + "".join(line + "\n" for line in lines.values())
     try:
@@ -343,8 +398,8 @@ def drop_functions(
                 )
 
 
-def _endpoint(spec: EndpointSpec) -> Endpoint:
-    if isinstance(spec, Endpoint):
+def _endpoint(spec: EndpointSpec) -> Endpoint | Vectors:
+    if isinstance(spec, Endpoint | Vectors):
         return spec
     if isinstance(spec, str):
         return Endpoint(spec)

@@ -1,5 +1,6 @@
 """`recsql score`: stream pairs from a query, score them over HTTP in large batches,
-write a scores table. The path for millions of rows.
+write a scores table. The path for millions of rows. On MySQL/MariaDB with an
+in-server model, `score_mysql_in_server` does it in one INSERT ... SELECT.
 
 Rows stream from the engine (DuckDB: Arrow batches; MySQL: a server-side
 cursor), a few batches are in flight at once on a small thread pool, and the
@@ -218,6 +219,72 @@ def score_mysql(url: str, query: str, endpoints: Endpoints, opts: ScoreOptions) 
             reader_conn.close()
         _mysql_replace(url, fn, table, out_path)
     stats = ScoreStats(table, rows, nulls, requests, time.perf_counter() - start)
+    log.info("%s", stats.summary())
+    return stats
+
+
+def score_mysql_in_server(url: str, query: str, opts: ScoreOptions) -> ScoreStats:
+    """Score `query`'s rows inside the MySQL/MariaDB server, where the function's
+    endpoint is an in-server model (`recsql sql install --in-server`): one
+    INSERT ... SELECT, so no row leaves the server. on_error "null" calls the
+    loadable function directly (NULL for a row it cannot score); "error" goes
+    through the `<name>_strict` wrapper, so a failure aborts the statement and the
+    old table stays (slower: MariaDB runs a stored function's body per row)."""
+    import pymysql
+
+    from db.mysql_udf import STRICT_SUFFIX, allow_list_name
+
+    start = time.perf_counter()
+    fn, table = opts.function, opts.table
+    new, old = f"{table}__new", f"{table}__old"
+    ddl = ", ".join(f"`{a.name}` {a.sql_type.upper()} NULL" for a in fn.args)
+    score_type = _MYSQL_TYPE.get(duckdb_type(fn.returns), "DOUBLE")
+    conn = mysql_connect(url)
+    try:
+        with conn.cursor() as cur:
+            try:
+                cur.execute(f"SELECT * FROM ({query}) AS recsql_q LIMIT 0")
+            except pymysql.MySQLError as exc:
+                raise BadRequest(f"query failed: {exc}") from exc
+            columns = [d[0] for d in cur.description]
+            if len(columns) != len(fn.args):
+                raise BadRequest(
+                    f"the query returns {len(columns)} columns; {fn.name} takes {len(fn.args)}"
+                )
+            quoted = ", ".join("`" + c.replace("`", "``") + "`" for c in columns)
+            if opts.on_error == "error":
+                call = f"`{fn.name}{STRICT_SUFFIX}`({quoted})"
+            else:
+                call = f"recsql_invoke('{allow_list_name(fn)}', {quoted})"
+            cur.execute(f"DROP TABLE IF EXISTS `{new}`, `{old}`")
+            cur.execute(
+                f"CREATE TABLE `{new}` ({ddl}, `score` {score_type} NULL) "
+                "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+            )
+            try:
+                rows = cur.execute(
+                    f"INSERT INTO `{new}` SELECT {quoted}, {call} FROM ({query}) AS recsql_q"
+                )
+                cur.execute(f"SELECT COUNT(*) FROM `{new}` WHERE score IS NULL")
+                (nulls,) = cur.fetchone()
+                names = ", ".join(f"`{a.name}`" for a in fn.args)
+                cur.execute(f"ALTER TABLE `{new}` ADD INDEX ix_{table}_key ({names})")
+                cur.execute(
+                    "SELECT 1 FROM information_schema.tables "
+                    "WHERE table_schema = DATABASE() AND table_name = %s",
+                    (table,),
+                )
+                if cur.fetchall():
+                    cur.execute(f"RENAME TABLE `{table}` TO `{old}`, `{new}` TO `{table}`")
+                    cur.execute(f"DROP TABLE `{old}`")
+                else:
+                    cur.execute(f"RENAME TABLE `{new}` TO `{table}`")
+            except pymysql.MySQLError as exc:
+                cur.execute(f"DROP TABLE IF EXISTS `{new}`")
+                raise BadRequest(f"in-server scoring failed: {exc.args[-1]}") from exc
+    finally:
+        conn.close()
+    stats = ScoreStats(table, rows, int(nulls), 0, time.perf_counter() - start)
     log.info("%s", stats.summary())
     return stats
 

@@ -2,12 +2,16 @@
  * The server-side allow-list of endpoint names, read from a file that only
  * the database administrator can write. SQL passes a *name*; a name that is
  * not listed is never requested. The file is re-read at the start of a
- * statement when its inode, size or mtime changed.
+ * statement when its inode, size or mtime changed (checked when watch.c saw
+ * its directory change).
  *
  * File format, one endpoint per line ('#' starts a comment line):
  *   name  URL  [target_model]  [timeout_ms=N]  [connect_timeout_ms=N]
+ *   name  file:///absolute/path.vectors  [max_mb=N]
  * URL rule: used as given when its path ends in /invocations or /invoke,
  * otherwise "/invocations" is appended (after dropping a trailing '/').
+ * A file:// entry is a vectors file (db/vectors.py) scored inside the server
+ * (models.c); max_mb caps the file it maps (default 65536).
  */
 #define _GNU_SOURCE
 #include "recsql.h"
@@ -29,6 +33,8 @@
 #define MAX_FILE_BYTES (1 << 20)
 #define DEFAULT_CONNECT_MS 1000
 #define DEFAULT_TIMEOUT_MS 5000
+#define DEFAULT_MAX_MB 65536ULL
+#define MAX_MAX_MB (1ULL << 24) /* 16 TiB */
 #define BREAKER_THRESHOLD 3     /* consecutive connect/timeout failures ... */
 #define BREAKER_OPEN_MS 2000    /* ... make calls fail fast for this long */
 #define LOG_INTERVAL_MS 10000   /* at most one failure line per endpoint per interval */
@@ -123,6 +129,23 @@ static int parse_ms(const char *s, long max, long *out)
     return 0;
 }
 
+/* The rest of a `name file:///path [max_mb=N]` line. */
+static int parse_local(entry *out, const char *path, char **save, const char **why)
+{
+    char *tok;
+    long mb = (long)DEFAULT_MAX_MB;
+    if (path[0] != '/' || strlen(path) > RECSQL_URL_MAX || strstr(path, "/../"))
+        return *why = "file:// needs an absolute path (file:///dir/model.vectors)", -1;
+    while ((tok = strtok_r(NULL, " \t\r\n", save))) {
+        if (strncmp(tok, "max_mb=", 7) || parse_ms(tok + 7, (long)MAX_MAX_MB, &mb))
+            return *why = "a file:// entry takes only max_mb=N (1..16777216)", -1;
+    }
+    strcpy(out->ep.url, path);
+    out->ep.local = 1;
+    out->ep.max_bytes = (unsigned long long)mb << 20;
+    return 1;
+}
+
 /* 1: an endpoint, 0: blank or comment, -1: bad line (why says what). */
 static int parse_line(char *s, entry *out, const char **why)
 {
@@ -136,8 +159,10 @@ static int parse_line(char *s, entry *out, const char **why)
         return *why = "bad name (allowed: [A-Za-z0-9._-]{1,128})", -1;
     strcpy(out->ep.name, tok);
     char *url = strtok_r(NULL, " \t\r\n", &save);
+    if (url && !strncmp(url, "file://", 7))
+        return parse_local(out, url + 7, &save, why);
     if (!url || (strncmp(url, "http://", 7) && strncmp(url, "https://", 8)))
-        return *why = "URL must start with http:// or https://", -1;
+        return *why = "URL must start with http://, https:// or file:///", -1;
     size_t ul = strlen(url);
     if (ul > RECSQL_URL_MAX - 16)
         return *why = "URL too long", -1;
@@ -217,45 +242,58 @@ static void parse_file(const char *path, FILE *f, const struct stat *st)
     recsql_log("Note", "loaded %d endpoint(s) from %s", n, path);
 }
 
-static void refresh_locked(void)
+static unsigned long long refresh_locked(void)
 {
+    static unsigned long long checked;
+    static const char *watched_path;
+    static int watched;
     const char *path = recsql_allow_list_path();
     struct stat st;
     char why[RECSQL_ERR_MAX];
+    if (watched_path != path) { /* before the first stat: a change after that is an event */
+        watched = recsql_watch(path);
+        watched_path = path;
+    }
+    unsigned long long generation = recsql_watch_generation();
+    if (load_state && watched && checked == generation)
+        return generation; /* nothing changed in its directory (watch.c) */
+    checked = generation;
     if (stat(path, &st) != 0) {
         snprintf(why, sizeof why, "cannot read allow-list %s: %s", path, strerror(errno));
         if (load_state != 2 || strcmp(why, load_error)) {
             recsql_log("Warning", "%s", why);
             set_table(NULL, 0, NULL, 2, why);
         }
-        return;
+        return generation;
     }
     if (load_state && st.st_ino == loaded_st.st_ino && st.st_size == loaded_st.st_size &&
         st.st_mtim.tv_sec == loaded_st.st_mtim.tv_sec &&
         st.st_mtim.tv_nsec == loaded_st.st_mtim.tv_nsec)
-        return;
+        return generation;
     if (!S_ISREG(st.st_mode) || (st.st_mode & (S_IWGRP | S_IWOTH))) {
         snprintf(why, sizeof why, "allow-list %s refused: not a file or writable by group/others", path);
         recsql_log("Warning", "%s", why);
         set_table(NULL, 0, &st, 2, why);
-        return;
+        return generation;
     }
     FILE *f = fopen(path, "re");
     if (!f) {
         snprintf(why, sizeof why, "cannot read allow-list %s: %s", path, strerror(errno));
         recsql_log("Warning", "%s", why);
         set_table(NULL, 0, &st, 2, why);
-        return;
+        return generation;
     }
     parse_file(path, f, &st);
     fclose(f);
+    return generation;
 }
 
-void recsql_endpoints_refresh(void)
+unsigned long long recsql_endpoints_refresh(void)
 {
     pthread_mutex_lock(&lock);
-    refresh_locked();
+    unsigned long long generation = refresh_locked();
     pthread_mutex_unlock(&lock);
+    return generation;
 }
 
 int recsql_endpoint_lookup(const char *name, recsql_endpoint *out, char *err)
@@ -281,6 +319,17 @@ int recsql_endpoint_lookup(const char *name, recsql_endpoint *out, char *err)
     }
     pthread_mutex_unlock(&lock);
     return rc;
+}
+
+int recsql_allow_list_names(const char *path)
+{
+    int listed = 0;
+    pthread_mutex_lock(&lock);
+    refresh_locked();
+    for (int i = 0; i < table_len && !listed; i++)
+        listed = table[i].ep.local && !strcmp(table[i].ep.url, path);
+    pthread_mutex_unlock(&lock);
+    return listed;
 }
 
 void recsql_endpoint_report(const char *name, int transport_failure)

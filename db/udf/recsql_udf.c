@@ -10,6 +10,14 @@
  * POSTs it as text/csv to the URL the allow-list gives for endpoint_name, and
  * returns the first field of the first line of the reply.
  *
+ * In-server scoring: when the allow-list maps the name to a vectors file
+ * (file:///...), recsql_invoke(name, user_id, product_id) scores the pair from
+ * that file instead (models.c, vectors.c): one hash lookup per id and one dot
+ * product, with the endpoint's score, unknown-id fallback and NULL policies.
+ * The statement acquires the file's mapping at its first row and keeps it to
+ * its end, so a file replaced meanwhile takes effect at the next statement.
+ * An id that is not a 64-bit integer is a failure (NULL, reason recorded).
+ *
  * Failure policy: a call never raises and never aborts the statement (the
  * UDF API has no per-row error: `*error = 1` silently NULLs the rest of the
  * statement). A failed call returns NULL, records its reason for
@@ -21,7 +29,9 @@
 #define _GNU_SOURCE
 #include "recsql.h"
 #include "udf_abi.h"
+#include "vectors.h"
 
+#include <errno.h>
 #include <locale.h>
 #include <math.h>
 #include <pthread.h>
@@ -40,6 +50,13 @@ typedef struct {
     recsql_buf line, reply;
     char name[RECSQL_NAME_MAX + 1]; /* endpoint name of the current row */
     int logged; /* a failure of this call (statement) was sent to the log */
+    /* in-server scoring: the mapping this statement holds, and the name it was for */
+    recsql_model *model;
+    const recsql_vectors *vectors;
+    char model_name[RECSQL_NAME_MAX + 1];
+    size_t model_name_len;
+    char text[40]; /* recsql_invoke_str's reply for an in-server score */
+    unsigned long long generation; /* watch.c's, when the statement started */
 } call_state;
 
 static __thread char last_error[RECSQL_ERR_MAX];
@@ -57,6 +74,8 @@ __attribute__((destructor)) static void unload(void)
     /* DROP FUNCTION of the last function dlcloses us: free what the pool holds */
     recsql_http_free();
     recsql_endpoints_free();
+    recsql_models_free();
+    recsql_watch_free();
 }
 
 static void fail(call_state *st, const char *endpoint, const char *message)
@@ -147,8 +166,102 @@ static void first_field(char *body, size_t len, char **field, size_t *flen)
     *flen = n;
 }
 
+/* An id argument as the endpoint reads it: an integer, or a number with no
+ * fraction, that fits in 64 bits. 1: *id is set; 0: it is not such a number. */
+static int read_id(UDF_ARGS *args, unsigned i, int64_t *id)
+{
+    const char *v = args->args[i];
+    char text[64], *end;
+    double d;
+    switch (args->arg_type[i]) {
+    case INT_RESULT:
+        *id = *(const long long *)v;
+        return 1;
+    case REAL_RESULT:
+        d = *(const double *)v;
+        break;
+    default: {
+        size_t n = args->lengths[i];
+        while (n && (*v == ' ' || *v == '\t'))
+            v++, n--;
+        while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+            n--;
+        if (n == 0 || n >= sizeof text || memchr(v, '_', n))
+            return 0;
+        memcpy(text, v, n);
+        text[n] = '\0';
+        errno = 0;
+        long long whole = strtoll(text, &end, 10);
+        if (end == text + n && errno == 0) {
+            *id = whole;
+            return 1;
+        }
+        d = c_locale ? strtod_l(text, &end, c_locale) : strtod(text, &end);
+        if (end != text + n)
+            return 0;
+    }
+    }
+    if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0) || d != floor(d))
+        return 0;
+    *id = (int64_t)d;
+    return 1;
+}
+
+/* One row scored from the statement's mapping. 1: *value is set; 0: SQL NULL. */
+static int score_local(call_state *st, UDF_ARGS *args, double *value)
+{
+    char err[RECSQL_ERR_MAX], why[RECSQL_VECTORS_ERR];
+    int64_t ids[2];
+    if (args->arg_count != 3) {
+        snprintf(err, sizeof err, "model '%.40s' scores (user_id, product_id): %u arguments given",
+                 st->model_name, args->arg_count - 1);
+        return fail(st, st->model_name, err), 0;
+    }
+    if (!args->args[1] || !args->args[2])
+        return 0; /* NULL in, NULL out */
+    for (unsigned k = 0; k < 2; k++)
+        if (!read_id(args, k + 1, &ids[k])) {
+            snprintf(err, sizeof err, "model '%.40s': %s is not a 64-bit integer id", st->model_name,
+                     k ? "product_id" : "user_id");
+            return fail(st, st->model_name, err), 0;
+        }
+    int rc = recsql_vectors_score(st->vectors, ids[0], ids[1], value, why);
+    if (rc < 0) {
+        snprintf(err, sizeof err, "model '%.40s': %s", st->model_name, why);
+        return fail(st, st->model_name, err), 0;
+    }
+    return rc;
+}
+
+/* The statement's first row for an in-server name: map (or reuse) its file. */
+static int start_local(call_state *st, const recsql_endpoint *ep)
+{
+    char err[RECSQL_ERR_MAX], shown[48];
+    recsql_model *m = recsql_model_acquire(ep->url, ep->max_bytes, st->generation, err);
+    if (!m) {
+        char message[RECSQL_ERR_MAX];
+        recsql_sanitize(shown, sizeof shown, st->name, strlen(st->name));
+        snprintf(message, sizeof message, "model '%s': %s", shown, err);
+        fail(st, st->name, message);
+        return 0;
+    }
+    recsql_model_release(st->model);
+    st->model = m;
+    st->vectors = recsql_model_vectors(m);
+    st->model_name_len = strlen(st->name);
+    memcpy(st->model_name, st->name, st->model_name_len + 1);
+    return 1;
+}
+
+static int is_current_model(const call_state *st, const UDF_ARGS *args)
+{
+    return st->model && args->args[0] && args->lengths[0] == st->model_name_len &&
+           memcmp(args->args[0], st->model_name, st->model_name_len) == 0;
+}
+
 /*
  * 1: the call succeeded; *field is the first reply field or NULL for SQL NULL.
+ * 2: the name is an in-server model, now held in st->model: score with score_local.
  * 0: the call failed (reason recorded); the result is SQL NULL.
  */
 static int invoke(call_state *st, UDF_ARGS *args, char **field, size_t *flen)
@@ -173,6 +286,8 @@ static int invoke(call_state *st, UDF_ARGS *args, char **field, size_t *flen)
             return 1; /* NULL in, NULL out, no request */
     if (recsql_endpoint_lookup(name, &ep, err))
         return fail(st, name, err), 0;
+    if (ep.local)
+        return start_local(st, &ep) ? 2 : 0;
     if (encode_row(&st->line, args)) {
         snprintf(err, sizeof err, "endpoint '%.40s': arguments longer than %d bytes", name, MAX_LINE);
         return fail(st, name, err), 0;
@@ -220,7 +335,7 @@ static udf_bool invoke_init(UDF_INIT *initid, UDF_ARGS *args, char *message, con
     initid->const_item = 0; /* every row calls the model */
     initid->decimals = 31;  /* NOT_FIXED_DEC: a double printed as is */
     initid->max_length = MAX_REPLY;
-    recsql_endpoints_refresh(); /* the allow-list is re-read per statement */
+    st->generation = recsql_endpoints_refresh(); /* the allow-list is re-read per statement */
     return 0;
 }
 
@@ -229,6 +344,7 @@ static void invoke_deinit(UDF_INIT *initid)
     call_state *st = (call_state *)initid->ptr;
     if (!st)
         return;
+    recsql_model_release(st->model); /* the statement's mapping ends with it */
     free(st->line.data);
     free(st->reply.data);
     free(st);
@@ -249,7 +365,23 @@ UDF_EXPORT double recsql_invoke(UDF_INIT *initid, UDF_ARGS *args, char *is_null,
     size_t n;
     (void)error;
     *is_null = 1;
-    if (!invoke(st, args, &field, &n) || !field)
+    if (is_current_model(st, args)) { /* the hot path: the statement's 2nd row on */
+        double value;
+        has_error = 0;
+        if (!score_local(st, args, &value))
+            return 0.0;
+        *is_null = 0;
+        return value;
+    }
+    int rc = invoke(st, args, &field, &n);
+    if (rc == 2) {
+        double value;
+        if (!score_local(st, args, &value))
+            return 0.0;
+        *is_null = 0;
+        return value;
+    }
+    if (!rc || !field)
         return 0.0;
     double value = c_locale ? strtod_l(field, &end, c_locale) : strtod(field, &end);
     while (end < field + n && (*end == ' ' || *end == '\t'))
@@ -278,9 +410,23 @@ UDF_EXPORT char *recsql_invoke_str(UDF_INIT *initid, UDF_ARGS *args, char *resul
 {
     char *field;
     size_t n;
+    call_state *st = (call_state *)initid->ptr;
     (void)result;
     (void)error;
-    if (!invoke((call_state *)initid->ptr, args, &field, &n) || !field) {
+    int rc = is_current_model(st, args) ? (has_error = 0, 2) : invoke(st, args, &field, &n);
+    if (rc == 2) {
+        double value;
+        if (!score_local(st, args, &value)) {
+            *is_null = 1;
+            return NULL;
+        }
+        locale_t previous = c_locale ? uselocale(c_locale) : (locale_t)0;
+        *length = (unsigned long)snprintf(st->text, sizeof st->text, "%.7g", value); /* as the endpoint */
+        if (previous)
+            uselocale(previous);
+        return st->text;
+    }
+    if (!rc || !field) {
         *is_null = 1;
         return NULL;
     }

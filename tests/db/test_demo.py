@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _demo(tmp_path: Path, env: dict[str, str]) -> str:
+def _demo(tmp_path: Path, env: dict[str, str], flags: tuple[str, ...] | list[str] = ()) -> str:
     cmd = [
         sys.executable,
         "-m",
@@ -23,6 +25,7 @@ def _demo(tmp_path: Path, env: dict[str, str]) -> str:
         "40000",
         "--workdir",
         str(tmp_path / "demo"),
+        *flags,
     ]
     proc = subprocess.run(
         cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300
@@ -52,8 +55,21 @@ def test_demo_on_duckdb(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.mysql
-def test_demo_on_mariadb(tmp_path: Path, mysql_url: str, fresh_database: str) -> None:
+@pytest.mark.parametrize("path", ["in-server", "http"])
+def test_demo_on_mariadb(tmp_path: Path, mysql_url: str, fresh_database: str, path: str) -> None:
     url = mysql_url.rsplit("/", 1)[0] + "/" + fresh_database
-    out = _demo(tmp_path, {"RECSQL_MYSQL_URL": url})
+    # the server's user must read the vectors file: a work directory it can reach
+    # (pytest's tmp_path sits under a 0700 directory)
+    work = Path(tempfile.mkdtemp(prefix="recsql-demo-"))
+    work.chmod(0o755)
+    try:
+        out = _demo(work, {"RECSQL_MYSQL_URL": url}, ["--http"] if path == "http" else [])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     _check_output(out, "mysql")
     assert f"created {fresh_database}.will_purchase" in out
+    if path == "http":
+        assert "will_purchase scores over HTTP" in out and "in-server model" not in out
+    else:
+        assert "will_purchase scores inside the server" in out
+        assert f"in-server model {work / 'demo' / 'model.vectors'}" in out
