@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -235,3 +236,50 @@ def test_each_worker_gets_its_share_of_blas_threads() -> None:
             assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {
                 cores
             }
+
+
+def _read_response(sock, buffer: bytes = b"") -> tuple[bytes, bytes]:
+    """One whole HTTP response from `sock` (status line first); returns it and the rest."""
+    while b"\r\n\r\n" not in buffer:
+        buffer += sock.recv(1 << 16)
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(rest) < length:
+        rest += sock.recv(1 << 16)
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
+def test_a_busy_connection_does_not_hold_the_worker(model_dir, tmp_path) -> None:
+    """2,000 pipelined requests on one connection, then one on another: the second
+    connection is answered in turn, not after all 2,000 (one worker serves both)."""
+    import socket
+
+    pairs = f"{USER_IDS[0]},{PRODUCT_IDS[0]}\n"
+    raw = (
+        f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: text/csv\r\n"
+        f"Content-Length: {len(pairs)}\r\n\r\n{pairs}"
+    ).encode()
+    with running(["--model-dir", str(model_dir), "--workers", "1"], tmp_path) as srv:
+        busy, other = (socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2))
+        for sock in (busy, other):  # both connections accepted and served once
+            sock.settimeout(30)
+            sock.sendall(raw)
+            assert _read_response(sock)[0].startswith(b"HTTP/1.1 200")
+        answered = bytearray()
+
+        def drain() -> None:  # read the busy connection's replies as they come
+            with contextlib.suppress(OSError):
+                while chunk := busy.recv(1 << 20):
+                    answered.extend(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        busy.sendall(raw * 2000)
+        other.sendall(raw)
+        assert _read_response(other)[0].startswith(b"HTTP/1.1 200")
+        before_other = answered.count(b"HTTP/1.1 200")
+        busy.shutdown(socket.SHUT_RDWR)
+        reader.join()
+        busy.close()
+        other.close()
+    assert before_other < 1000, before_other
