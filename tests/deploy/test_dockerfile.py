@@ -143,9 +143,15 @@ def test_hadolint_finds_nothing() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_shellcheck_passes_the_entrypoint() -> None:
+def test_shellcheck_passes_the_entrypoint_and_the_image_test() -> None:
+    scripts = [
+        "docker/entrypoint.sh",
+        "scripts/image-test.sh",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docker/standin").glob("*.sh")),
+    ]
+    assert "docker/standin/docker-entrypoint.sh" in scripts
     out = subprocess.run(
-        [_tool("shellcheck"), str(ROOT / "docker/entrypoint.sh")],
+        [_tool("shellcheck"), *(str(ROOT / s) for s in scripts)],
         capture_output=True,
         text=True,
         timeout=60,
