@@ -395,6 +395,12 @@ readme_compose_command() {  # readme_compose_command curl|mariadb
         grep "^$1 " | sed "s/127\.0\.0\.1:8080/127.0.0.1:$http_port/; s/-P3307/-P$db_port/"
 }
 
+# The names docker-compose.yml gives the images, taken back from ours only.
+untag_compose_names() {
+    podman untag "$local_image" localhost/recsql:local 2>/dev/null || true
+    podman untag "$db_image" localhost/recsql-mariadb:local 2>/dev/null || true
+}
+
 compose_test() {
     # podman-compose honours neither service_completed_successfully nor service_healthy
     # (docker-compose.yml keeps both for Docker Compose), so the services start one by
@@ -447,7 +453,7 @@ compose_test() {
         test -z "$(podman ps -a --filter "label=com.docker.compose.project=$prefix" --format '{{.Names}}')"
     check "compose: down -v leaves no volume" \
         test -z "$(podman volume ls --filter "label=com.docker.compose.project=$prefix" --format '{{.Name}}')"
-    podman untag localhost/recsql:local localhost/recsql-mariadb:local 2>/dev/null || true
+    untag_compose_names
 }
 
 # ------------------------------------------------------------------------ clean-up
@@ -458,7 +464,12 @@ clean() {
     local c
     [ -n "${podman_compose:-}" ] && compose down -v >/dev/null 2>&1 || true
     for c in $(podman ps -a --format '{{.Names}}' | grep "^$prefix" || true); do podman rm -f "$c" >/dev/null; done
-    podman untag localhost/recsql:local localhost/recsql-mariadb:local 2>/dev/null || true
+    # build containers an interrupted build left behind (buildah's, on our bases)
+    for c in $(podman ps -a --external --format '{{.ID}} {{.Image}}' |
+        awk -v a="$py_base" -v b="$db_base" '$2 == a || $2 == b { print $1 }'); do
+        podman rm -f "$c" >/dev/null
+    done
+    untag_compose_names
     podman rmi -f "$app_image" "$local_image" "$db_image" >/dev/null 2>&1 || true
     podman image prune -f >/dev/null
 }
