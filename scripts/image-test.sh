@@ -57,9 +57,10 @@ setup() {
     command -v podman >/dev/null || missing+=(podman)
     command -v runc >/dev/null || missing+=(runc)
     command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+    python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)  # for podman-compose's venv
     if [ "${#missing[@]}" -gt 0 ]; then
         if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-            die "missing ${missing[*]}: install them (Debian: apt-get install podman runc mmdebstrap) or run this as root"
+            die "missing ${missing[*]}: install them (Debian: apt-get install ${missing[*]}) or run this as root"
         fi
         say "installing ${missing[*]} with apt-get"
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >/dev/null ||
@@ -67,9 +68,9 @@ setup() {
     fi
     [ "$(id -u)" = 0 ] || die "podman here runs rootful (mmdebstrap, podman import): run as root"
 
-    # Ours, never the machine's /etc/containers: no default ulimits (this host's hard
-    # limits are lower than podman's defaults), cgroupfs and runc (crun and systemd
-    # refuse this host's cgroups).
+    # Ours, never the machine's /etc/containers. What this machine kind needs (found by
+    # trying): no default ulimits, the cgroupfs manager (no systemd) and runc (crun
+    # refuses this host's cgroups).
     cat >"$CONTAINERS_CONF" <<'EOF'
 # Written by recsql scripts/image-test.sh; used through CONTAINERS_CONF only.
 [containers]
@@ -98,9 +99,12 @@ standin_hash() {
 image_label() { podman image inspect --format "{{ index .Labels \"$2\" }}" "$1" 2>/dev/null || true; }
 
 debootstrap_to() {  # debootstrap_to TARBALL PACKAGES HOOK...
+    # As Debian-based official images do: no recommends, no docs, and apt keeps no .deb
+    # files after installing (each apt-get in a RUN step would leave them in its layer).
     local out=$1 packages=$2
     shift 2
     mmdebstrap --variant=minbase --include="$packages" --aptopt='APT::Install-Recommends "false"' \
+        --aptopt='APT::Keep-Downloaded-Packages "false"' \
         --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' "$@" \
         bookworm "$out" \
