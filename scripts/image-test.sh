@@ -103,10 +103,11 @@ debootstrap_to() {  # debootstrap_to TARBALL PACKAGES HOOK...
     # files after installing (each apt-get in a RUN step would leave them in its layer).
     local out=$1 packages=$2
     shift 2
+    # shellcheck disable=SC2016  # mmdebstrap passes the chroot's path as $1 to hooks
     mmdebstrap --variant=minbase --include="$packages" --aptopt='APT::Install-Recommends "false"' \
-        --aptopt='APT::Keep-Downloaded-Packages "false"' \
         --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' "$@" \
+        --customize-hook='echo "APT::Keep-Downloaded-Packages \"false\";" >"$1/etc/apt/apt.conf.d/90no-deb-cache"' \
         bookworm "$out" \
         "deb $debian_mirror bookworm main" "deb $debian_mirror bookworm-updates main" \
         "deb $debian_security bookworm-security main"
@@ -119,11 +120,11 @@ python_base() {
     local tar=$home/python-base.tar
     # shellcheck disable=SC2016  # mmdebstrap passes the chroot's path as $1 to hooks
     debootstrap_to "$tar" python3,python3-venv,python3-dev,ca-certificates \
-        --customize-hook='chroot "$1" python3 -m venv /opt/venv'
+        --customize-hook='chroot "$1" python3 -m venv /opt/venv' || return 1
     podman import --quiet \
         --change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' --change 'CMD ["python"]' \
-        --change "LABEL recsql.standin=$(standin_hash python_base)" "$tar" "$py_base" >/dev/null
+        --change "LABEL recsql.standin=$(standin_hash python_base)" "$tar" "$py_base" >/dev/null || return 1
     rm -f "$tar"
 }
 
@@ -137,11 +138,11 @@ mariadb_base() {
         --customize-hook='rm -rf "$1"/var/lib/mysql && mkdir -p "$1"/var/lib/mysql "$1"/docker-entrypoint-initdb.d' \
         --customize-hook='chroot "$1" chown mysql:mysql /var/lib/mysql' \
         --customize-hook="copy-in docker/standin/docker-entrypoint.sh docker/standin/healthcheck.sh /usr/local/bin" \
-        --customize-hook="copy-in docker/standin/99-container.cnf /etc/mysql/mariadb.conf.d"
+        --customize-hook="copy-in docker/standin/99-container.cnf /etc/mysql/mariadb.conf.d" || return 1
     podman import --quiet \
         --change 'ENTRYPOINT ["docker-entrypoint.sh"]' --change 'CMD ["mariadbd"]' \
         --change 'EXPOSE 3306' --change 'STOPSIGNAL SIGTERM' \
-        --change "LABEL recsql.standin=$(standin_hash mariadb_base)" "$tar" "$db_base" >/dev/null
+        --change "LABEL recsql.standin=$(standin_hash mariadb_base)" "$tar" "$db_base" >/dev/null || return 1
     rm -f "$tar"
 }
 
@@ -499,13 +500,14 @@ main() {
     work=$(mktemp -d "${TMPDIR:-/tmp}/recsql-image-test.XXXXXX")
     trap summary EXIT
     case "$step" in
+        # One after another, not joined with &&: set -e then also stops inside each step.
         setup) setup ;;
-        bases) setup && bases ;;
-        build) setup && bases && build ;;
-        sagemaker) setup && sagemaker ;;
-        compose) setup && compose_test ;;
-        clean) setup && clean ;;
-        all) setup && bases && build && sagemaker && compose_test ;;
+        bases) setup; bases ;;
+        build) setup; bases; build ;;
+        sagemaker) setup; sagemaker ;;
+        compose) setup; compose_test ;;
+        clean) setup; clean ;;
+        all) setup; bases; build; sagemaker; compose_test ;;
         *) die "unknown step $step (all|setup|bases|build|sagemaker|compose|clean)" ;;
     esac
 }
