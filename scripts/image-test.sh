@@ -397,7 +397,7 @@ service_container() {
 # The README's docker-compose commands (section "3. docker compose"), with our ports.
 readme_compose_command() {  # readme_compose_command curl|mariadb
     awk '/^## 3\. docker compose/ { s = 1 } s && /^```sh/ { b = 1; next } b && /^```/ { exit } b' README.md |
-        grep "^$1 " | sed "s/127\.0\.0\.1:8080/127.0.0.1:$http_port/; s/-P3307/-P$db_port/"
+        grep "^$1 " | sed "s/127\.0\.0\.1:8080/127.0.0.1:$http_port/; s/-P3307/-P$db_port/" || true
 }
 
 # The names docker-compose.yml gives the images, taken back from ours only.
@@ -447,7 +447,7 @@ compose_test() {
         grep -qE '^[0-9.eE+-]+$' <<<"$(tail -1 <<<"$out")"
     # ...and the same pair from inside the MariaDB container, beside an unknown one (NULL,
     # and no endpoint error: the server answered).
-    pair=$(grep -o 'will_purchase([0-9]*, [0-9]*)' <<<"$sql_cmd" | head -1)
+    pair=$(grep -o 'will_purchase([0-9]*, [0-9]*)' <<<"$sql_cmd" | head -1 || true)
     out=$(podman exec "$(service_container mariadb)" mariadb -urecsql -precsql recsql -N -B \
         -e "SELECT $pair, will_purchase(1, 1), recsql_last_error()" 2>&1 || true)
     check "compose: in the MariaDB container, $pair scores, an unknown pair is NULL ($out)" \
