@@ -425,6 +425,7 @@ compose_test() {
         rc=$(podman wait "$c" 2>/dev/null || echo missing)
         check "compose: $service completes successfully" test "$rc" = 0
         [ "$rc" = 0 ] || { podman logs --tail 20 "$c" >&2 || true; return 1; }
+        say "$service's last log line: $(podman logs --tail 1 "$c" 2>&1 | tail -1)"
     done
     figure "compose: events + trainer (200k events, 3 epochs)" "$(since "$t0")"
     compose up -d --no-deps --no-build server >/dev/null 2>&1
