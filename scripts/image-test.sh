@@ -263,7 +263,7 @@ wait_for_ping() {  # wait_for_ping URL SECONDS: until GET URL answers 200
     local deadline=$(($(date +%s) + $2))
     while [ "$(date +%s)" -lt "$deadline" ]; do
         [ "$(http_code "$1")" = 200 ] && return 0
-        sleep 0.5
+        sleep 0.1
     done
     return 1
 }
