@@ -49,9 +49,10 @@ LABEL org.opencontainers.image.title="recsql-mariadb" \
 # ------------------------------------------------------------------ recsql image
 FROM ${PYTHON_IMAGE} AS cpu-base
 ARG TORCH_VERSION=2.13.0
-# The CPU wheel: the default PyPI wheel pulls several GB of CUDA libraries.
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
-        --index-url https://download.pytorch.org/whl/cpu
+# The CPU wheel: the default PyPI wheel pulls several GB of CUDA libraries. A build
+# that cannot reach this index passes another that holds the CPU wheel.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 FROM ${GPU_IMAGE} AS gpu-base
 # torch with CUDA comes with the base image.

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench soak lint install clean
+.PHONY: demo test image-test bench soak lint install clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/setup-services.sh
 	RECSQL_TEST_MYSQL_URL=$${RECSQL_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/test} $(BIN)/python -m pytest -q
+
+# Every Dockerfile target built with podman on Debian stand-in bases, run as SageMaker
+# runs it, and the compose stack end to end (~10 min cold; see scripts/image-test.sh).
+image-test:
+	bash scripts/image-test.sh
 
 bench: $(STAMP)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'

@@ -53,8 +53,21 @@ def test_torch_is_the_pinned_cpu_wheel() -> None:
     stage = BY_NAME["cpu-base"]
     torch_arg = next(i.value for i in stage.all("ARG") if i.value.startswith("TORCH_VERSION="))
     assert pinned == "torch==" + torch_arg.split("=")[1]
+    index_arg = next(i.value for i in stage.all("ARG") if i.value.startswith("TORCH_INDEX_URL="))
+    assert index_arg == "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
     run = " ".join(i.value for i in stage.all("RUN"))
-    assert "--index-url https://download.pytorch.org/whl/cpu" in run
+    assert '--index-url "${TORCH_INDEX_URL}"' in run
+
+
+def test_default_bases_are_the_official_images() -> None:
+    # scripts/image-test.sh builds on stand-in bases through build args only: nothing of
+    # them may reach the files that real Docker reads.
+    args = dict(i.value.partition("=")[::2] for i in PREAMBLE if i.keyword == "ARG")
+    assert args["MARIADB_IMAGE"] == "mariadb:10.11"
+    assert args["PYTHON_IMAGE"] == "python:3.11-slim"
+    for name in ("Dockerfile", "docker-compose.yml", "docker/entrypoint.sh"):
+        text = (ROOT / name).read_text()
+        assert "standin" not in text and "localhost/" not in text, name
 
 
 def test_entrypoint_is_exec_form_and_the_script_execs() -> None:
@@ -130,9 +143,15 @@ def test_hadolint_finds_nothing() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_shellcheck_passes_the_entrypoint() -> None:
+def test_shellcheck_passes_the_entrypoint_and_the_image_test() -> None:
+    scripts = [
+        "docker/entrypoint.sh",
+        "scripts/image-test.sh",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docker/standin").glob("*.sh")),
+    ]
+    assert "docker/standin/docker-entrypoint.sh" in scripts
     out = subprocess.run(
-        [_tool("shellcheck"), str(ROOT / "docker/entrypoint.sh")],
+        [_tool("shellcheck"), *(str(ROOT / s) for s in scripts)],
         capture_output=True,
         text=True,
         timeout=60,
