@@ -267,18 +267,7 @@ def score_mysql_in_server(url: str, query: str, opts: ScoreOptions) -> ScoreStat
                 )
                 cur.execute(f"SELECT COUNT(*) FROM `{new}` WHERE score IS NULL")
                 (nulls,) = cur.fetchone()
-                names = ", ".join(f"`{a.name}`" for a in fn.args)
-                cur.execute(f"ALTER TABLE `{new}` ADD INDEX ix_{table}_key ({names})")
-                cur.execute(
-                    "SELECT 1 FROM information_schema.tables "
-                    "WHERE table_schema = DATABASE() AND table_name = %s",
-                    (table,),
-                )
-                if cur.fetchall():
-                    cur.execute(f"RENAME TABLE `{table}` TO `{old}`, `{new}` TO `{table}`")
-                    cur.execute(f"DROP TABLE `{old}`")
-                else:
-                    cur.execute(f"RENAME TABLE `{new}` TO `{table}`")
+                _swap_in(cur, table, [a.name for a in fn.args])
             except pymysql.MySQLError as exc:
                 cur.execute(f"DROP TABLE IF EXISTS `{new}`")
                 raise BadRequest(f"in-server scoring failed: {exc.args[-1]}") from exc
@@ -287,6 +276,24 @@ def score_mysql_in_server(url: str, query: str, opts: ScoreOptions) -> ScoreStat
     stats = ScoreStats(table, rows, int(nulls), 0, time.perf_counter() - start)
     log.info("%s", stats.summary())
     return stats
+
+
+def _swap_in(cur: Any, table: str, key: list[str]) -> None:
+    """Index `table`__new on the key columns and put it in `table`'s place in one RENAME
+    (readers see the old table or the new one, never a half-written one)."""
+    new, old = f"{table}__new", f"{table}__old"
+    names = ", ".join(f"`{c}`" for c in key)
+    cur.execute(f"ALTER TABLE `{new}` ADD INDEX ix_{table}_key ({names})")
+    cur.execute(
+        "SELECT 1 FROM information_schema.tables "
+        "WHERE table_schema = DATABASE() AND table_name = %s",
+        (table,),
+    )
+    if cur.fetchall():
+        cur.execute(f"RENAME TABLE `{table}` TO `{old}`, `{new}` TO `{table}`")
+        cur.execute(f"DROP TABLE `{old}`")
+    else:
+        cur.execute(f"RENAME TABLE `{new}` TO `{table}`")
 
 
 def _mysql_batches(cur: Any, fn: SqlFunction, size: int) -> Iterator[list[pa.Array]]:
@@ -328,17 +335,7 @@ def _mysql_replace(url: str, fn: SqlFunction, table: str, csv_path: Path) -> Non
                     f"LINES TERMINATED BY '\\n' ({variables}) SET {sets}",
                     (str(csv_path),),
                 )
-                cur.execute(f"ALTER TABLE `{new}` ADD INDEX ix_{table}_key ({', '.join(columns)})")
-                cur.execute(
-                    "SELECT 1 FROM information_schema.tables "
-                    "WHERE table_schema = DATABASE() AND table_name = %s",
-                    (table,),
-                )
-                if cur.fetchall():
-                    cur.execute(f"RENAME TABLE `{table}` TO `{old}`, `{new}` TO `{table}`")
-                    cur.execute(f"DROP TABLE `{old}`")
-                else:
-                    cur.execute(f"RENAME TABLE `{new}` TO `{table}`")
+                _swap_in(cur, table, columns)
             except pymysql.MySQLError:
                 cur.execute(f"DROP TABLE IF EXISTS `{new}`")
                 raise
