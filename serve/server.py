@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 from gunicorn.app.base import BaseApplication
@@ -128,6 +129,10 @@ class DrainingGeventWorker(GeventWorker):  # type: ignore[misc]
     SageMaker front end does) makes every shutdown last the full graceful
     timeout. Busy connections finish their request (gunicorn then closes
     them); idle ones are shut at once.
+
+    It also takes only its share of new connections (see `ConnectionShares`),
+    sets TCP_NODELAY on each, and yields after every request so that one
+    connection with requests queued up cannot hold the worker from the others.
     """
 
     def init_process(self) -> None:
@@ -136,8 +141,6 @@ class DrainingGeventWorker(GeventWorker):  # type: ignore[misc]
 
     def run(self) -> None:
         """gunicorn's gevent loop, with servers that keep this worker to its share."""
-        import gevent
-
         self._servers = []
         for sock in self.sockets:
             sock.setblocking(1)
@@ -175,8 +178,6 @@ class DrainingGeventWorker(GeventWorker):  # type: ignore[misc]
                 server.stop_accepting()
 
     def _rebalance(self) -> None:  # other workers' counts change too
-        import gevent
-
         while self.alive:
             self.balance()
             gevent.sleep(REBALANCE_SECONDS)
@@ -193,8 +194,6 @@ class DrainingGeventWorker(GeventWorker):  # type: ignore[misc]
             self._connections.pop(client, None)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> None:
-        import gevent
-
         self._connections[sock] = True
         try:
             super().handle_request(listener_name, req, sock, addr)
@@ -208,13 +207,9 @@ class DrainingGeventWorker(GeventWorker):  # type: ignore[misc]
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
-        import gevent
-
         gevent.spawn(self._close_idle_connections)
 
     def _close_idle_connections(self) -> None:
-        import gevent
-
         while True:
             for sock, busy in list(self._connections.items()):
                 if not busy:
@@ -278,8 +273,8 @@ def run(config: ServeConfig) -> int:
     try:
         app = create_app(build_dataplane(config))
         # Everything loaded so far lives as long as the server: keep it out of the cyclic
-        # collector, whose full passes over it were multi-millisecond pauses in the
-        # workers (and whose writes to it undo copy-on-write sharing after the fork).
+        # collector's full passes in the workers (whose writes to it would also undo the
+        # copy-on-write sharing of the fork).
         gc.freeze()
         log.info(
             "serving on http://%s:%d with %d %s worker(s)",
