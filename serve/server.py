@@ -276,6 +276,10 @@ def run(config: ServeConfig) -> int:
         # collector's full passes in the workers (whose writes to it would also undo the
         # copy-on-write sharing of the fork).
         gc.freeze()
+        # The log format uses none of these: skip the stack walk and look-ups per record
+        # (the logging docs' "Optimization"); one request line fell from ~28 to ~21 us
+        logging._srcfile = None
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
         log.info(
             "serving on http://%s:%d with %d %s worker(s)",
             config.host,
