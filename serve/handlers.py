@@ -162,22 +162,16 @@ class DataPlane:
             seconds = time.perf_counter() - start
             self.metrics.observe(name, status, rows, null, seconds)
             if status >= 400 or next(self._requests) % self.config.log_every == 0:
-                self._log_line(name, status, rows, null, seconds, request.inference_id)
-
-    @staticmethod
-    def _log_line(
-        name: str, status: int, rows: int, null: int, seconds: float, inference_id: str | None
-    ) -> None:
-        log.info(
-            "invocations model=%s status=%d rows=%d null=%d ms=%.2f inference_id=%s pid=%d",
-            name,
-            status,
-            rows,
-            null,
-            seconds * 1e3,
-            inference_id or "-",
-            os.getpid(),
-        )
+                log.info(
+                    "invocations model=%s status=%d rows=%d null=%d ms=%.2f inference_id=%s pid=%d",
+                    name,
+                    status,
+                    rows,
+                    null,
+                    seconds * 1e3,
+                    request.inference_id or "-",
+                    os.getpid(),
+                )
 
     def _accept(self, request: Invocation, model: object) -> str:
         if isinstance(model, ScriptModel):
