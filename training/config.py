@@ -43,7 +43,8 @@ class TrainConfig:
     wd: float = 0.03  # softmax: L2 on the tower outputs (bounds the logits); mse, bpr: weights
     update: str = "lazy"  # "lazy": fused sparse rows; "dense": the seed's dense update
     epochs: int = 20  # at most: early stopping on the held-out events ends sooner
-    patience: int = 3  # epochs without a better held-out score before stopping; 0 = never
+    patience: int = 3  # evaluations without a better held-out score before stopping; 0 = never
+    eval_every: int = 2_000_000  # training events between evaluations; 0 = once per epoch
     refit: bool = True  # after validating, retrain on every event for the chosen epochs
     batch_size: int = 1024  # a flag, never changed silently (a GPU wants 64k+)
     # run
@@ -69,6 +70,8 @@ class TrainConfig:
             raise DataError(f"dropout must be in [0, 1), not {self.dropout!r}")
         if min(self.momentum, self.wd, self.threads, self.eval_users, self.patience) < 0:
             raise DataError("momentum, wd, threads, eval_users and patience must be >= 0")
+        if self.eval_every < 0:
+            raise DataError(f"eval_every must be >= 0, not {self.eval_every!r}")
         if self.objective == "softmax" and (self.opt != "adam" or self.update != "lazy"):
             raise DataError(
                 f"--objective softmax (the default) trains with --opt adam --update lazy, not "
@@ -87,6 +90,7 @@ SEED_DEFAULTS: dict[str, Any] = {
     "dropout": 0.5,
     "epochs": 3,
     "patience": 0,
+    "eval_every": 0,
 }
 
 
@@ -139,7 +143,9 @@ FIELD_HELP = {
     "recency": "softmax: an event's weight halves every N later events of its user; 0 = off",
     "wd": "weight decay (softmax: L2 on the tower outputs)",
     "epochs": "most epochs (early stopping may end sooner)",
-    "patience": "stop after N epochs without a better held-out score; 0 = never",
+    "patience": "stop after N evaluations without a better held-out score; 0 = never",
+    "eval_every": "evaluate on the held-out events every N training events (an epoch is "
+    "split into equal parts) or, if an epoch is shorter, after each epoch; 0 = each epoch",
     "refit": "after validating, retrain on every event for the best epoch count and serve that",
     "dropout": "dropout on both towers' outputs while training",
     "eval_users": "held-out users ranked each epoch for HR/NDCG; 0 = all",

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +50,12 @@ def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = 
     if cfg.refit and len(data.test_users):
         started = time.perf_counter()
         model, _, _ = fit(
-            dataclasses.replace(cfg, epochs=best["epoch"], patience=0),
+            dataclasses.replace(cfg, patience=0),
             _with_test_events(data),
             device,
             None,
             progress,
+            stop_at=best["epoch"],
         )
         metrics["refit"] = {
             "epochs": best["epoch"],
@@ -67,9 +70,16 @@ def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = 
 
 
 def fit(
-    cfg: TrainConfig, data: Any, device: Any, ev: EvalSet | None, progress: bool
+    cfg: TrainConfig,
+    data: Any,
+    device: Any,
+    ev: EvalSet | None,
+    progress: bool,
+    stop_at: float | None = None,
 ) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
-    """Train one model; with `ev`, evaluate each epoch and keep the best epoch's weights."""
+    """Train one model; with `ev`, evaluate every `eval_every` events (an epoch is cut into
+    equal parts) and keep the best evaluation's weights. `stop_at` ends training after that
+    many epochs, a fraction allowed (the refit stops where validation found the best)."""
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -87,10 +97,16 @@ def fit(
         len(labels),
         device,
     )
+    n = len(labels)
+    parts = math.ceil(n / cfg.eval_every) if cfg.eval_every else 1
+    stop_at = cfg.epochs if stop_at is None else stop_at
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
     best_state = None
-    for epoch in range(1, cfg.epochs + 1):
+    epochs = math.ceil(stop_at)
+    for epoch, start, end in _stretches(n, parts, stop_at):
+        if start == 0:
+            order = torch.randperm(n, device=labels.device, generator=gen)
         model.train()
         loss, seconds = run_epoch(
             step,
@@ -100,29 +116,26 @@ def fit(
             labels,
             model.num_items,
             gen,
-            f"epoch {epoch}/{cfg.epochs}",
+            f"epoch {epoch}/{epochs}" + (f" ({end * parts // n}/{parts})" if parts > 1 else ""),
             progress,
+            rows=order[start:end],
         )
         if isinstance(step, FusedStep):
             step.flush()
         model.eval()
-        row = {"epoch": epoch, "train_loss": loss, "seconds": seconds}
-        row["samples_per_s"] = len(labels) / seconds
+        row = {"epoch": epoch if end == n else round(epoch - 1 + end / n, 4), "train_loss": loss}
+        row.update(seconds=seconds, samples_per_s=(end - start) / seconds)
+        history.append(row)
         if ev is None:
-            history.append(row)
             continue
         row.update(epoch_metrics(model, ev, device))
-        history.append(row)
-        mse_note = (
+        log.info(
+            "epoch %s: loss %.4f%s, HR@%d %.4f, NDCG@%d %.4f, %.0f samples/s",
+            row["epoch"],
+            loss,
             f", test MSE {row['test_mse']:.4f} (mean predictor {row['mean_mse']:.4f})"
             if cfg.objective == "mse"
-            else ""
-        )
-        log.info(
-            "epoch %d: loss %.4f%s, HR@%d %.4f, NDCG@%d %.4f, %.0f samples/s",
-            epoch,
-            loss,
-            mse_note,
+            else "",
             cfg.k,
             row["hr"],
             cfg.k,
@@ -130,15 +143,26 @@ def fit(
             row["samples_per_s"],
         )
         if not best or _better(cfg, row, best):
-            best = row
+            best, best_at = row, len(history)
             if cfg.patience:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif cfg.patience and epoch - best["epoch"] >= cfg.patience:
-            log.info("no better held-out score for %d epochs: stopping", cfg.patience)
+        elif cfg.patience and len(history) - best_at >= cfg.patience:
+            log.info("no better held-out score for %d evaluations: stopping", cfg.patience)
             break
-    if best_state is not None and best["epoch"] != history[-1]["epoch"]:
+    if best_state is not None and best is not history[-1]:
         model.load_state_dict(best_state)
     return model, history, best or history[-1]
+
+
+def _stretches(n: int, parts: int, stop_at: float) -> Iterator[tuple[int, int, int]]:
+    """(epoch, start, end): the runs of training between evaluations, each epoch cut into
+    `parts` equal runs, until `stop_at` epochs (a fraction allowed) have passed."""
+    for epoch in range(1, math.ceil(stop_at) + 1):
+        last = round((stop_at - epoch + 1) * n)  # where `stop_at` falls in this epoch
+        for part in range(parts):
+            start, end = part * n // parts, min((part + 1) * n // parts, last)
+            if end > start:
+                yield epoch, start, end
 
 
 def recency_weights(train_users: np.ndarray, half_life: float) -> np.ndarray:
@@ -221,18 +245,21 @@ def run_epoch(
     gen: Any,
     desc: str,
     progress: bool,
+    rows: Any = None,
 ) -> tuple[float, float]:
-    """One pass in a fresh random order; returns (mean loss, seconds in the loop)."""
+    """One pass over the events `rows` in that order (default: every event, in a fresh
+    random order); returns (mean loss, seconds in the loop)."""
     import torch
     from tqdm import tqdm
 
-    n, bs, dev = len(labels), cfg.batch_size, labels.device
+    dev = labels.device
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(_loop_threads(cfg, threads))
     _sync(dev)
     start = time.perf_counter()
-    perm = torch.randperm(n, device=dev, generator=gen)
+    perm = torch.randperm(len(labels), device=dev, generator=gen) if rows is None else rows
+    n, bs = len(perm), cfg.batch_size
     u, i, y = users[perm], items[perm], labels[perm]
     neg = (
         torch.randint(num_items, (n,), device=dev, generator=gen)

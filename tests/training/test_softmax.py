@@ -13,7 +13,7 @@ import pytest
 from model.artifact import load_model
 from training.config import make_config
 from training.events import PreparedEvents
-from training.train import recency_weights, train
+from training.train import _stretches, recency_weights, train
 
 from .test_train import planted_events
 
@@ -58,6 +58,25 @@ def test_early_stopping_keeps_the_best_epoch(planted):
     assert metrics["final"]["ndcg"] == max(scores)
     best = metrics["final"]["epoch"]
     assert len(scores) == min(best + 2, 12)  # stopped `patience` epochs after the best
+
+
+def test_large_data_is_evaluated_within_an_epoch(planted):
+    n = len(planted.train_labels)
+    cfg = replace(SOFTMAX, epochs=3, eval_every=n // 4 + 1, patience=2, lr=0.05, refit=False)
+    metrics = train(cfg, planted, None, progress=False)
+    epochs = [row["epoch"] for row in metrics["epochs"]]
+    scores = [row["ndcg"] for row in metrics["epochs"]]
+    assert epochs[:4] == pytest.approx([0.25, 0.5, 0.75, 1], abs=1e-3)  # 4 parts an epoch
+    assert metrics["final"]["ndcg"] == max(scores)
+    assert len(scores) == min(scores.index(max(scores)) + 1 + 2, 12)  # patience: evaluations
+
+
+@pytest.mark.parametrize("n, parts, stop_at", [(1000, 4, 2.5), (999, 3, 1.3), (10, 1, 3)])
+def test_a_refit_stops_where_validation_did(n, parts, stop_at):
+    runs = list(_stretches(n, parts, stop_at))
+    assert sum(end - start for _, start, end in runs) == round(stop_at * n)
+    assert all(0 <= start < end <= n for _, start, end in runs)
+    assert runs[-1][0] == int(np.ceil(stop_at))
 
 
 def test_refit_trains_the_served_model_on_every_event(trained, planted, tmp_path):
