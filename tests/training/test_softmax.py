@@ -156,3 +156,31 @@ def test_from_events_without_repeats_drops_the_test_pairs_earlier_events():
     data = PreparedEvents.from_events(users, items, np.ones(4), repeats=False)
     assert data.product_ids[data.train_items].tolist() == [2]  # the two earlier 1s are gone
     assert data.product_ids[data.test_items].tolist() == [1]
+
+
+def test_row_adam_moves_rows_as_sparse_adam_does():
+    """RowAdam (the softmax step's embedding update) against torch.optim.SparseAdam on the
+    same table and gradients, repeated ids included: the same rows move, by the same steps,
+    and the rows no batch touched stay where they were."""
+    import torch
+
+    from training.softmax import RowAdam
+
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(50, 8, generator=gen)
+    reference = torch.nn.Embedding(50, 8, sparse=True)
+    reference.weight.data.copy_(start)
+    sparse = torch.optim.SparseAdam([reference.weight], lr=0.01)
+    ours = RowAdam(start.clone(), lr=0.01)
+    target = torch.randn(50, 8, generator=gen)
+    for _ in range(20):
+        ids = torch.randint(0, 30, (16,), generator=gen)  # rows 30..49 never touched
+        sparse.zero_grad()
+        ((reference(ids) - target[ids]) ** 2).sum().backward()
+        sparse.step()
+        rows, leaf, which = ours.gather(ids)
+        ((leaf[which] - target[ids]) ** 2).sum().backward()
+        ours.step(rows, leaf)
+    assert torch.allclose(ours.weight, reference.weight.data, atol=1e-6)
+    assert torch.equal(ours.weight[30:], start[30:])
+    assert not torch.allclose(ours.weight[:30], start[:30])
