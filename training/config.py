@@ -39,6 +39,7 @@ class TrainConfig:
     # optimiser (seed: sgd, lr 0.02, momentum 0.9, wd 0, batch 1024)
     opt: str = "adam"
     lr: float = 0.003
+    embedding_lr: float = 0.01  # softmax: the embedding rows' (a row moves only in its batches)
     momentum: float = 0.9
     wd: float = 0.03  # softmax: L2 on the tower outputs (bounds the logits); mse, bpr: weights
     update: str = "lazy"  # "lazy": fused sparse rows; "dense": the seed's dense update
@@ -63,7 +64,7 @@ class TrainConfig:
                     f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}"
                 )
         positive = ("num_embeddings", "epochs", "batch_size", "k", "lr", "min_events")
-        for name in positive + ("temperature", "negatives"):
+        for name in positive + ("embedding_lr", "temperature", "negatives"):
             if not getattr(self, name) > 0:
                 raise DataError(f"{name} must be > 0, not {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -141,6 +142,8 @@ FIELD_HELP = {
     "negatives": "sampled softmax: uniform negatives shared by a batch",
     "full_softmax_items": "softmax over every item up to this many items, sampled above",
     "recency": "softmax: an event's weight halves every N later events of its user; 0 = off",
+    "embedding_lr": "softmax: learning rate of the embedding rows; a row moves only in the "
+    "batches that hold its user or product, so it gets far fewer steps than --lr's Dense layers",
     "wd": "weight decay (softmax: L2 on the tower outputs)",
     "epochs": "most epochs (early stopping may end sooner)",
     "patience": "stop after N evaluations without a better held-out score; 0 = never",
