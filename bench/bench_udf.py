@@ -237,11 +237,19 @@ def in_server(args: argparse.Namespace) -> list[str]:
                 "CREATE FUNCTION bench_trivial(user_id BIGINT, product_id BIGINT) RETURNS FLOAT "
                 "NOT DETERMINISTIC NO SQL RETURN (user_id + product_id) * 1e-9"
             )
+            # the same with a loadable function that does nothing (recsql_last_error: a
+            # thread-local flag): what MariaDB charges per row for any UDF in a wrapper
+            cur.execute(
+                "CREATE FUNCTION bench_trivial_udf(user_id BIGINT, product_id BIGINT) RETURNS "
+                "FLOAT NOT DETERMINISTIC NO SQL RETURN (user_id + product_id) * 1e-9 + "
+                "COALESCE(LENGTH(recsql_last_error()), 0)"
+            )
         cases = [
             ("no function (scan + SUM)", "SUM(u + p)", rows),
             ("in-server, direct", "SUM(recsql_invoke('bench-vec', u, p))", rows),
             ("in-server, wrapper", "SUM(will_purchase(u, p))", rows),
             ("trivial wrapper (ceiling)", "SUM(bench_trivial(u, p))", rows),
+            ("trivial wrapper + a no-op loadable function", "SUM(bench_trivial_udf(u, p))", rows),
             (
                 "in-server, direct, small model",
                 "SUM(recsql_invoke('bench-small', u % 500, p % 200))",

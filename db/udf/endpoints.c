@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +55,9 @@ static struct stat loaded_st;
 static int load_state; /* 0 never tried, 1 loaded, 2 missing/refused */
 static char load_error[RECSQL_ERR_MAX];
 static entry unlisted; /* log rate limit for names that are not in the table */
+/* The watch generation the table was last found current at (0: check it): a
+ * statement that starts with nothing changed since takes no lock. */
+static _Atomic unsigned long long current_at;
 
 static long long now_ms(void)
 {
@@ -242,54 +246,66 @@ static void parse_file(const char *path, FILE *f, const struct stat *st)
     recsql_log("Note", "loaded %d endpoint(s) from %s", n, path);
 }
 
-static unsigned long long refresh_locked(void)
+/* Re-read the allow-list if the file changed since it was loaded. */
+static void reload_locked(const char *path)
 {
-    static unsigned long long checked;
-    static const char *watched_path;
-    static int watched;
-    const char *path = recsql_allow_list_path();
     struct stat st;
     char why[RECSQL_ERR_MAX];
-    if (watched_path != path) { /* before the first stat: a change after that is an event */
-        watched = recsql_watch(path);
-        watched_path = path;
-    }
-    unsigned long long generation = recsql_watch_generation();
-    if (load_state && watched && checked == generation)
-        return generation; /* nothing changed in its directory (watch.c) */
-    checked = generation;
     if (stat(path, &st) != 0) {
         snprintf(why, sizeof why, "cannot read allow-list %s: %s", path, strerror(errno));
         if (load_state != 2 || strcmp(why, load_error)) {
             recsql_log("Warning", "%s", why);
             set_table(NULL, 0, NULL, 2, why);
         }
-        return generation;
+        return;
     }
     if (load_state && st.st_ino == loaded_st.st_ino && st.st_size == loaded_st.st_size &&
         st.st_mtim.tv_sec == loaded_st.st_mtim.tv_sec &&
         st.st_mtim.tv_nsec == loaded_st.st_mtim.tv_nsec)
-        return generation;
+        return;
     if (!S_ISREG(st.st_mode) || (st.st_mode & (S_IWGRP | S_IWOTH))) {
         snprintf(why, sizeof why, "allow-list %s refused: not a file or writable by group/others", path);
         recsql_log("Warning", "%s", why);
         set_table(NULL, 0, &st, 2, why);
-        return generation;
+        return;
     }
     FILE *f = fopen(path, "re");
     if (!f) {
         snprintf(why, sizeof why, "cannot read allow-list %s: %s", path, strerror(errno));
         recsql_log("Warning", "%s", why);
         set_table(NULL, 0, &st, 2, why);
-        return generation;
+        return;
     }
     parse_file(path, f, &st);
     fclose(f);
+}
+
+static unsigned long long refresh_locked(void)
+{
+    static unsigned long long checked;
+    static const char *watched_path;
+    static int watched;
+    const char *path = recsql_allow_list_path();
+    if (watched_path != path) { /* before the first stat: a change after that is an event */
+        watched = recsql_watch(path);
+        watched_path = path;
+    }
+    /* An allow-list that cannot be watched is read every time, and what was
+     * looked up in it holds for this statement only: a generation of its own. */
+    unsigned long long generation = watched ? recsql_watch_generation() : recsql_watch_bump();
+    if (!(load_state && watched && checked == generation)) { /* else nothing changed in its directory */
+        checked = generation;
+        reload_locked(path);
+    }
+    current_at = watched ? generation : 0;
     return generation;
 }
 
 unsigned long long recsql_endpoints_refresh(void)
 {
+    unsigned long long g = recsql_watch_generation();
+    if (g == current_at)
+        return g;
     pthread_mutex_lock(&lock);
     unsigned long long generation = refresh_locked();
     pthread_mutex_unlock(&lock);

@@ -46,6 +46,7 @@ void recsql_http_free(void);
 /* watch.c: inotify on the files' directories; a new generation = something changed. */
 int recsql_watch(const char *path); /* 0: not watchable, stat it every time */
 unsigned long long recsql_watch_generation(void);
+unsigned long long recsql_watch_bump(void); /* a new generation: nothing cached is trusted */
 void recsql_watch_free(void);
 
 /* models.c: vectors files mapped once per process, replaced on atomic rename. */
@@ -53,8 +54,8 @@ typedef struct recsql_model recsql_model;
 #include "vectors.h"
 const recsql_vectors *recsql_model_vectors(const recsql_model *m);
 recsql_model *recsql_model_acquire(const char *path, unsigned long long max_bytes,
-                                   unsigned long long generation, char *err);
-void recsql_model_release(recsql_model *m);
+                                   unsigned long long generation, int *borrowed, char *err);
+void recsql_model_release(recsql_model *m, int borrowed);
 void recsql_models_free(void);
 
 #endif

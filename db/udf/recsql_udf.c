@@ -52,6 +52,7 @@ typedef struct {
     int logged; /* a failure of this call (statement) was sent to the log */
     /* in-server scoring: the mapping this statement holds, and the name it was for */
     recsql_model *model;
+    int borrowed; /* model is the thread's cached reference (models.c) */
     const recsql_vectors *vectors;
     char model_name[RECSQL_NAME_MAX + 1];
     size_t model_name_len;
@@ -60,6 +61,15 @@ typedef struct {
 } call_state;
 
 static __thread char last_error[RECSQL_ERR_MAX];
+/* The last in-server name this thread looked up: while the watch generation is
+ * the same the allow-list has not changed, so the next statement (or row of a
+ * stored function) skips the lookup and its lock. */
+static __thread struct {
+    unsigned long long generation;
+    char name[RECSQL_NAME_MAX + 1];
+    char path[RECSQL_URL_MAX + 1];
+    unsigned long long max_bytes;
+} local_name;
 /* Numbers are read and written in the C locale whatever the server's locale is. */
 static locale_t c_locale;
 static pthread_once_t c_locale_once = PTHREAD_ONCE_INIT;
@@ -234,10 +244,11 @@ static int score_local(call_state *st, UDF_ARGS *args, double *value)
 }
 
 /* The statement's first row for an in-server name: map (or reuse) its file. */
-static int start_local(call_state *st, const recsql_endpoint *ep)
+static int start_local(call_state *st, const char *path, unsigned long long max_bytes)
 {
     char err[RECSQL_ERR_MAX], shown[48];
-    recsql_model *m = recsql_model_acquire(ep->url, ep->max_bytes, st->generation, err);
+    int borrowed;
+    recsql_model *m = recsql_model_acquire(path, max_bytes, st->generation, &borrowed, err);
     if (!m) {
         char message[RECSQL_ERR_MAX];
         recsql_sanitize(shown, sizeof shown, st->name, strlen(st->name));
@@ -245,8 +256,9 @@ static int start_local(call_state *st, const recsql_endpoint *ep)
         fail(st, st->name, message);
         return 0;
     }
-    recsql_model_release(st->model);
+    recsql_model_release(st->model, st->borrowed);
     st->model = m;
+    st->borrowed = borrowed;
     st->vectors = recsql_model_vectors(m);
     st->model_name_len = strlen(st->name);
     memcpy(st->model_name, st->name, st->model_name_len + 1);
@@ -284,10 +296,17 @@ static int invoke(call_state *st, UDF_ARGS *args, char **field, size_t *flen)
     for (unsigned i = 1; i < args->arg_count; i++)
         if (!args->args[i])
             return 1; /* NULL in, NULL out, no request */
+    if (local_name.generation == st->generation && !strcmp(local_name.name, name))
+        return start_local(st, local_name.path, local_name.max_bytes) ? 2 : 0;
     if (recsql_endpoint_lookup(name, &ep, err))
         return fail(st, name, err), 0;
-    if (ep.local)
-        return start_local(st, &ep) ? 2 : 0;
+    if (ep.local) {
+        local_name.generation = st->generation;
+        memcpy(local_name.name, name, sizeof local_name.name);
+        memcpy(local_name.path, ep.url, sizeof local_name.path);
+        local_name.max_bytes = ep.max_bytes;
+        return start_local(st, ep.url, ep.max_bytes) ? 2 : 0;
+    }
     if (encode_row(&st->line, args)) {
         snprintf(err, sizeof err, "endpoint '%.40s': arguments longer than %d bytes", name, MAX_LINE);
         return fail(st, name, err), 0;
@@ -344,7 +363,7 @@ static void invoke_deinit(UDF_INIT *initid)
     call_state *st = (call_state *)initid->ptr;
     if (!st)
         return;
-    recsql_model_release(st->model); /* the statement's mapping ends with it */
+    recsql_model_release(st->model, st->borrowed); /* the statement's mapping ends with it */
     free(st->line.data);
     free(st->reply.data);
     free(st);

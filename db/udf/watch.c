@@ -11,6 +11,13 @@
  * statement that starts after a replace always sees it. Where inotify is not
  * available every call is a new generation: always stat, as before; a path
  * that cannot be watched (a symbolic link) is stat'ed by its caller every time.
+ *
+ * Asking for the generation takes no lock while nothing happened (FIONREAD on
+ * the descriptor says 0 and no drain is under way): MariaDB asks once per row
+ * of a stored function, from every session at once. A drain raises `draining`
+ * before it reads the queue and bumps the generation before it lowers it, so a
+ * caller that finds the queue empty because another thread just read the
+ * event still gets the new generation (or waits for the lock).
  */
 #define _GNU_SOURCE
 #include "recsql.h"
@@ -18,7 +25,9 @@
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
+#include <stdatomic.h>
 #include <sys/inotify.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -26,8 +35,10 @@
                 IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF)
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static int fd = -2; /* -2 not tried, -1 unavailable */
-static unsigned long long generation = 1;
+static _Atomic int fd = -2; /* -2 not tried, -1 unavailable */
+static _Atomic unsigned long long generation = 1;
+static _Atomic int draining;
+static int abandoned = -1;
 
 static void open_locked(void)
 {
@@ -60,6 +71,9 @@ int recsql_watch(const char *path)
 unsigned long long recsql_watch_generation(void)
 {
     char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+    int pending, f = fd;
+    if (f >= 0 && ioctl(f, FIONREAD, &pending) == 0 && pending == 0 && !draining)
+        return generation; /* nothing queued, nothing being read: no change */
     pthread_mutex_lock(&lock);
     open_locked();
     if (fd < 0) {
@@ -67,26 +81,33 @@ unsigned long long recsql_watch_generation(void)
     } else {
         ssize_t got;
         int changed = 0;
+        draining = 1;
         while ((got = read(fd, buf, sizeof buf)) > 0)
             changed = 1;
         if (got < 0 && errno != EAGAIN && errno != EINTR) { /* e.g. a queue overflow: stop trusting it */
-            close(fd);
+            abandoned = fd; /* closed at unload: a lock-free caller may still ask it */
             fd = -1;
             changed = 1;
         }
         generation += (unsigned long long)changed;
+        draining = 0;
     }
     unsigned long long g = generation;
     pthread_mutex_unlock(&lock);
     return g;
 }
 
+unsigned long long recsql_watch_bump(void) { return ++generation; }
+
 void recsql_watch_free(void)
 {
     pthread_mutex_lock(&lock);
     if (fd >= 0)
         close(fd);
+    if (abandoned >= 0)
+        close(abandoned);
     fd = -2;
+    abandoned = -1;
     generation++;
     pthread_mutex_unlock(&lock);
 }

@@ -439,6 +439,38 @@ def test_hot_reload_under_concurrent_sessions(mysql_url, mysql_conn, entry, mode
     query(mysql_conn, "DROP TABLE rvec_long")
 
 
+def test_sessions_that_keep_a_model_see_its_replacement(
+    mysql_url, mysql_conn, fresh_database, entry, models
+) -> None:
+    """Each session's thread keeps the last model it used from one statement to the
+    next (a stored function runs the loadable function's init for every row): after a
+    replace, the next statement of such a session still scores with the new file,
+    through the wrapper and the direct function, and a session that stays idle does
+    not keep the replaced file mapped."""
+    recs = [load_model(models["softmax"]), load_model(models["softmax2"])]
+    name, path = entry(recs[0])
+    mysql_conn.select_db(fresh_database)
+    create_functions(mysql_conn, [SqlFunction("will_purchase", PAIR, "FLOAT", endpoint=name)])
+    idle = mysql_connect(mysql_url.rsplit("/", 1)[0] + "/" + fresh_database)
+    u, i = int(USERS[8]), int(ITEMS[4])
+    expected = [float(r.score(np.array([u]), np.array([i]))[0]) for r in recs]
+    assert abs(expected[0] - expected[1]) > 1e-6
+    sql = "SELECT CAST(will_purchase(%s, %s) AS DOUBLE), recsql_invoke(%s, %s, %s)"
+    pid = _server_pid(mysql_conn)
+    try:
+        for n in range(4):
+            for conn in (mysql_conn, idle):  # both sessions now hold the file in place
+                wrapper, direct = query(conn, sql, (u, i, name, u, i))[0]
+                assert near(wrapper, expected[n % 2]) and near(direct, expected[n % 2])
+            write_vectors(recs[(n + 1) % 2], path)
+            wrapper, direct = query(mysql_conn, sql, (u, i, name, u, i))[0]
+            assert near(wrapper, expected[(n + 1) % 2]) and near(direct, expected[(n + 1) % 2])
+            if pid is not None:  # the idle session let go of the old file
+                assert _mappings(pid, path) == 1
+    finally:
+        idle.close()
+
+
 def test_install_in_server_and_replace(mysql_url, fresh_database, vec_dir, models) -> None:
     """`recsql sql install --in-server`: wrappers score from the file; re-running it with
     another model replaces the file, and the next statement scores with that model."""
