@@ -39,14 +39,19 @@ def random_mfblock(
 
 
 @contextlib.contextmanager
-def serving(model_dir: Path, workers: int, log: Path, log_level: str = "WARNING") -> Iterator[str]:
+def serving(
+    model_dir: Path, workers: int, log: Path, log_level: str = "WARNING", cpus: str = ""
+) -> Iterator[str]:
     """`recsql serve` on a free loopback port; yields its URL once every worker is up.
-    `log_level` WARNING (the default here) drops the one INFO line per request."""
+    `log_level` WARNING (the default here) drops the one INFO line per request; `cpus`
+    (e.g. "0") runs the server on those cores only (taskset)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "serve", "--model-dir", str(model_dir), "--port", str(port)]
+    if cpus:
+        cmd = ["taskset", "-c", cpus, *cmd]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [*cmd, "--workers", str(workers)],

@@ -12,7 +12,9 @@
   at 1 and 8 connections, 1,000 pairs at 4, top-10 at 1 and 8; then 1 pair at 8
   with the INFO line per request on (its cost; the busiest worker's share of the
   requests). Targets: p99 <= 3x p50; no worker above 65%. The clients share the
-  machine's 2 cores with the server: compare each row with `/ping`.
+  machine's 2 cores with the server: compare each row with `/ping`. Then /ping, 1 pair
+  and 1,000 pairs again with the server (1 worker) on core 0 and the client on core 1
+  (taskset), where neither waits for the other's time slice.
 - Top-K: best 10 of 200,000 products for one user. Target: <= 5 ms. Beside
   implicit's `recommend` on the same factors (200k and 2M items), interleaved.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import selectors
 import socket
@@ -237,6 +240,37 @@ def http_bench(model_dir: Path, user_ids, item_ids, workers: int, seconds: int) 
     return rows
 
 
+def pinned_bench(model_dir: Path, user_ids, item_ids, seconds: int) -> list[str]:
+    """The same client and requests with the server (1 worker) on core 0 and the client on
+    core 1, so that neither waits for the other's time slice: what is left of the tail is
+    the server's own."""
+    one = ("POST", "/invocations", csv_body(user_ids, item_ids, 1), "text/csv")
+    thousand = ("POST", "/invocations", csv_body(user_ids, item_ids, 1_000), "text/csv")
+    rows = [
+        "The same client pinned to core 1 and the server, 1 worker, pinned to core 0"
+        " (taskset): no process waits for another's time slice.",
+        "",
+        "| request | connections | requests/s | p50 ms | p99 ms | p99/p50 | max ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    before = os.sched_getaffinity(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        with serving(model_dir, 1, Path(tmp) / "server.log", cpus="0") as url:
+            port = urlsplit(url).port
+            os.sched_setaffinity(0, {1})
+            try:
+                for label, request, connections in (
+                    ("GET /ping (baseline)", ("GET", "/ping", b"", ""), 8),
+                    ("1 pair, CSV", one, 8),
+                    ("1,000 pairs, CSV", thousand, 4),
+                ):
+                    m = recorded(port, request, connections, seconds)
+                    rows.append(_row(label, connections, m))
+            finally:
+                os.sched_setaffinity(0, before)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -259,6 +293,8 @@ def main() -> int:
         sections += [*top_k(model_dir, user_ids, args.quick), ""]
         sections += [*top_k_vs_implicit(args.quick), ""]
         sections += http_bench(model_dir, user_ids, item_ids, args.workers, seconds)
+        if len(os.sched_getaffinity(0)) >= 2:
+            sections += ["", *pinned_bench(model_dir, user_ids, item_ids, seconds)]
     print("\n".join(sections))
     return 0
 
