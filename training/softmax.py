@@ -58,7 +58,7 @@ class RowAdam:
 
         (b1, b2), grad = self.betas, leaf.grad
         self.steps += 1
-        with torch.no_grad():  # index_select / index_copy_: several times faster than [rows] =
+        with torch.no_grad():  # index_select / index_copy_: several times faster than t[rows]
             m = self.exp_avg.index_select(0, rows).mul_(b1).add_(grad, alpha=1 - b1)
             v = self.exp_avg_sq.index_select(0, rows).mul_(b2).addcmul_(grad, grad, value=1 - b2)
             self.exp_avg.index_copy_(0, rows, m)
