@@ -46,12 +46,16 @@ class RowAdam:
         self.exp_avg_sq = torch.zeros_like(weight, requires_grad=False)
         self.steps = 0
 
+    def leaf(self, rows: Any) -> Any:
+        """The vectors of these distinct rows, as a leaf that collects their gradient."""
+        return self.weight.detach().index_select(0, rows).requires_grad_()
+
     def gather(self, ids: Any) -> tuple[Any, Any, Any]:
-        """(distinct rows, their vectors as a leaf that collects the gradient, each id's row)."""
+        """(distinct rows, their leaf, each id's row among them)."""
         import torch
 
         rows, inverse = torch.unique(ids, return_inverse=True)
-        return rows, self.weight.detach().index_select(0, rows).requires_grad_(), inverse
+        return rows, self.leaf(rows), inverse
 
     def step(self, rows: Any, leaf: Any) -> None:
         import torch
@@ -107,7 +111,7 @@ class SoftmaxStep:
         m, cfg = self.model, self.cfg
         rows, target, log_pi = self.candidates(items)
         user_rows, ue, which = self.users.gather(users)
-        ie = self.items.weight.detach().index_select(0, rows).requires_grad_()
+        ie = self.items.leaf(rows)  # the candidates are distinct rows already
         a = m.dropout(torch.relu(m.dense_user(ue))[which])  # the tower once per distinct user
         b = m.dropout(torch.relu(m.dense_item(ie)))
         scaled = a if cfg.temperature == 1 else a / cfg.temperature
