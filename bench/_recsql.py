@@ -1,4 +1,5 @@
-"""What the benchmarks share: a random-weight MFBlock artifact and a real `recsql serve`."""
+"""What the benchmarks share: random-weight MFBlock artifacts (a per-user embedding, or a
+history model with each user's recent events) and a real `recsql serve`."""
 
 from __future__ import annotations
 
@@ -36,6 +37,58 @@ def random_mfblock(
         "item_popularity": rng.uniform(0, 1, items),
     }
     return save_mfblock(folder, weights, user_ids, item_ids)
+
+
+def random_history_model(
+    folder: Path,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    mean_events: float = 30.0,
+    keep: int = 200,
+    emb: int = 64,
+    seed: int = 0,
+) -> Path:
+    """A history-model artifact with random weights for these ids (speed, not quality):
+    each user's last `keep` of a heavy-tailed number of events (mean about `mean_events`,
+    most users few, some hundreds), products by a Zipf law, 95% views, an hour apart."""
+    from model.history import GAP_BUCKETS, RepeatTerm
+
+    rng = np.random.default_rng(seed)
+    users, items = len(user_ids), len(item_ids)
+    counts = np.minimum(1 + rng.pareto(1.5, users) * mean_events / 2, keep).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    n = int(indptr[-1])
+    rank = np.minimum(rng.zipf(1.3, n) - 1, items - 1)
+    product = rng.permutation(items)[rank].astype(np.int32)
+    kinds = rng.choice(4, n, p=[0.95, 0.03, 0.015, 0.005]).astype(np.uint8)
+    start = np.repeat(1_570_000_000 + rng.integers(0, 5_000_000, users), counts)
+    times = start + (np.arange(n) - np.repeat(indptr[:-1], counts)) * 3600
+    repeat = RepeatTerm(0.8, rng.normal(0, 0.3, (4, GAP_BUCKETS)), rng.normal(0, 0.5, GAP_BUCKETS))
+    weights = {
+        "item_embeddings.weight": rng.normal(0, 0.5, (items, emb)),
+        "dense_user.weight": rng.normal(0, 0.5, (emb, emb)),
+        "dense_user.bias": np.zeros(emb),
+        "dense_item.weight": rng.normal(0, 0.5, (emb, emb)),
+        "dense_item.bias": np.zeros(emb),
+        "history_position": -0.05 * np.arange(20),
+        "history_type": np.array([0.0, 0.5, 0.7, -0.5]),
+        "item_popularity": rng.uniform(0, 1, items),
+        "user_log_normalizer": np.full(users, 12.0),  # a plausible value: speed only
+        "events.indptr": indptr.astype(np.int64),
+        "events.items": product,
+        "events.types": kinds,
+        "events.times": times.astype(np.int64),
+    }
+    return save_mfblock(
+        folder,
+        weights,
+        user_ids,
+        item_ids,
+        score={"kind": "probability", "temperature": 1.0},
+        user_tower={"kind": "history", "events": 20},
+        recent_events=keep,
+        repeat=repeat.to_json(),
+    )
 
 
 @contextlib.contextmanager

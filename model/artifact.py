@@ -7,6 +7,11 @@
       product_index.csv      product_id,item
       metrics.json, curves.png   written by training, not needed to serve
 
+A history model (manifest `user_tower.kind` "history", format_version 2) has no user
+embeddings: its weights hold each user's last `recent_events` events (`events.indptr`,
+`events.items`, `events.types`, `events.times`; user_index rows index `events.indptr`),
+the tower's position and event-type weights, and `repeat` in the manifest.
+
 `load_model(dir)` reads any servable model directory: a recsql MFBlock, a
 recsql tabular model, or a seed MXNet MFBlock directory (read without MXNet).
 """
@@ -31,6 +36,7 @@ from model.format import (
     write_index,
     write_manifest,
 )
+from model.history import EVENT_TYPES, RepeatTerm
 from model.recommender import Recommender
 
 
@@ -44,7 +50,10 @@ def save_mfblock(
     """Write an MFBlock artifact. `weights` uses MFBlock's parameter names."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+    tensors = {  # the events keep their integer types; every parameter is float32
+        k: np.ascontiguousarray(v, dtype=v.dtype if k.startswith("events.") else np.float32)
+        for k, v in weights.items()
+    }
     save_file(tensors, str(model_dir / WEIGHTS))
     # safetensors writes 0600: a model trained as root must load in a non-root server image
     (model_dir / WEIGHTS).chmod(0o644)
@@ -64,10 +73,17 @@ def _load_mfblock(model_dir: Path, manifest: dict[str, Any]) -> Recommender:
         raise ArtifactError(f"{path}: cannot read weights ({exc.strerror})") from exc
     except Exception as exc:  # safetensors raises its own error type
         raise ArtifactError(f"{path}: cannot read weights ({exc})") from exc
-    _check_mfblock_shapes(weights, model_dir / WEIGHTS)
+    history = manifest.get("user_tower", {"kind": "embedding"})
+    if not isinstance(history, dict) or history.get("kind") not in ("embedding", "history"):
+        raise ArtifactError(f"{model_dir / MANIFEST}: user_tower.kind must be embedding or history")
+    history = history["kind"] == "history"
+    _check_mfblock_shapes(weights, model_dir / WEIGHTS, history)
     user_ids, user_rows = read_index(model_dir / USER_INDEX, "user_id", "user")
     item_ids, item_rows = read_index(model_dir / PRODUCT_INDEX, "product_id", "item")
-    _check_rows(user_rows, weights["user_embeddings.weight"].shape[0], model_dir / USER_INDEX)
+    num_users = (
+        len(weights["events.indptr"]) - 1 if history else len(weights["user_embeddings.weight"])
+    )
+    _check_rows(user_rows, num_users, model_dir / USER_INDEX)
     _check_rows(item_rows, weights["item_embeddings.weight"].shape[0], model_dir / PRODUCT_INDEX)
     score = manifest.get("score") or {"kind": "raw"}
     temperature = None
@@ -80,12 +96,13 @@ def _load_mfblock(model_dir: Path, manifest: dict[str, Any]) -> Recommender:
             or not temperature > 0
         ):
             raise ArtifactError(f"{model_dir / MANIFEST}: score.temperature must be a number > 0")
-        if normalizer is None or normalizer.shape != (weights["user_embeddings.weight"].shape[0],):
+        if normalizer is None or normalizer.shape != (num_users,):
             raise ArtifactError(
                 f"{model_dir / WEIGHTS}: a probability-scored model needs user_log_normalizer,"
                 " one value per user row"
             )
     try:
+        repeat = RepeatTerm.from_json(manifest.get("repeat")) if history else None
         return Recommender.from_weights(
             weights,
             user_ids,
@@ -93,42 +110,69 @@ def _load_mfblock(model_dir: Path, manifest: dict[str, Any]) -> Recommender:
             user_rows,
             item_rows,
             temperature=temperature,
+            repeat=repeat,
             global_mean=float(manifest.get("global_mean", 0.0)),
             item_popularity=weights.get("item_popularity"),
             info={**manifest, "source": "recsql"},
         )
-    except ValueError as exc:  # IdIndex: duplicate ids
+    except ValueError as exc:  # IdIndex: duplicate ids; the repeat term's fields
         raise ArtifactError(f"{model_dir}: {exc}") from exc
 
 
-def _check_mfblock_shapes(weights: dict[str, np.ndarray], path: Path) -> None:
-    """Every MFBlock tensor present, with shapes that fit together."""
-    names = (
-        "user_embeddings.weight",
-        "item_embeddings.weight",
-        "dense_user.weight",
-        "dense_user.bias",
-        "dense_item.weight",
-        "dense_item.bias",
-    )
-    missing = [name for name in names if name not in weights]
-    if missing:
-        raise ArtifactError(f"{path}: missing tensor(s) {', '.join(missing)}")
-    e = weights["dense_user.bias"].shape[0] if weights["dense_user.bias"].ndim == 1 else -1
-    expected = {
-        "user_embeddings.weight": (None, e),
+_EVENTS = {
+    "events.indptr": np.int64,
+    "events.items": np.int32,
+    "events.types": np.uint8,
+    "events.times": np.int64,
+}
+
+
+def _check_mfblock_shapes(weights: dict[str, np.ndarray], path: Path, history: bool) -> None:
+    """Every MFBlock tensor present, with shapes that fit together; a history model's events
+    well-formed (sorted offsets, known product rows and types)."""
+    bias = weights.get("dense_user.bias")
+    e = bias.shape[0] if bias is not None and bias.ndim == 1 else -1
+    expected: dict[str, tuple] = {
         "item_embeddings.weight": (None, e),
         "dense_user.weight": (e, e),
         "dense_user.bias": (e,),
         "dense_item.weight": (e, e),
         "dense_item.bias": (e,),
     }
+    if history:
+        expected.update({"history_position": (None,), "history_type": (len(EVENT_TYPES),)})
+        expected.update({name: (None,) for name in _EVENTS})
+    else:
+        expected["user_embeddings.weight"] = (None, e)
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        raise ArtifactError(f"{path}: missing tensor(s) {', '.join(missing)}")
     for name, shape in expected.items():
         got = weights[name].shape
         if len(got) != len(shape) or any(
             s is not None and g != s for g, s in zip(got, shape, strict=True)
         ):
             raise ArtifactError(f"{path}: {name} has shape {got}; expected {shape}")
+    if history:
+        _check_events(weights, path)
+
+
+def _check_events(weights: dict[str, np.ndarray], path: Path) -> None:
+    for name, dtype in _EVENTS.items():
+        if weights[name].dtype != dtype:
+            raise ArtifactError(f"{path}: {name} must be {np.dtype(dtype)}")
+    indptr, n = weights["events.indptr"], len(weights["events.items"])
+    if len(weights["events.types"]) != n or len(weights["events.times"]) != n:
+        raise ArtifactError(f"{path}: the events tensors differ in length")
+    if not len(indptr) or indptr[0] != 0 or indptr[-1] != n or np.any(np.diff(indptr) < 0):
+        raise ArtifactError(f"{path}: events.indptr is not a CSR offset array over the events")
+    items = weights["events.items"]
+    if n and (items.min() < -1 or items.max() >= len(weights["item_embeddings.weight"])):
+        raise ArtifactError(f"{path}: events.items name product rows the model does not have")
+    if n and weights["events.types"].max() >= len(EVENT_TYPES):
+        raise ArtifactError(f"{path}: events.types holds an unknown event type code")
+    if len(weights["history_position"]) == 0:
+        raise ArtifactError(f"{path}: history_position is empty")
 
 
 def _check_rows(rows: np.ndarray, n: int, path: Path) -> None:

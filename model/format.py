@@ -19,7 +19,7 @@ import numpy as np
 
 from model.errors import ArtifactError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: history models (user_tower, repeat, events.*)
 MANIFEST = "recsql.json"
 WEIGHTS = "weights.safetensors"
 USER_INDEX = "user_index.csv"
@@ -27,7 +27,11 @@ PRODUCT_INDEX = "product_index.csv"
 
 
 def write_manifest(model_dir: Path, kind: str, **fields: Any) -> None:
-    manifest = {"format": "recsql", "format_version": FORMAT_VERSION, "kind": kind, **fields}
+    """The manifest, with the oldest format_version that reads it (1 unless a history model),
+    so that an older recsql still serves what it can."""
+    history = (fields.get("user_tower") or {}).get("kind") == "history"
+    version = FORMAT_VERSION if history else 1
+    manifest = {"format": "recsql", "format_version": version, "kind": kind, **fields}
     (Path(model_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable))
 
 

@@ -6,6 +6,13 @@ item id -> Embedding -> Dense(num_emb, ReLU) -> Dropout /
 
 Parameter names match the seed's Gluon attribute names (`user_embeddings`,
 `dense_user`, ...), so a seed `model.params` maps onto this module 1:1.
+
+With `history=L` (the softmax default) the user side reads events, not an id:
+
+recent events -> item Embedding -> weighted mean -> Dense(num_emb, ReLU) -> user vector
+
+the weights exp(history_position[k] + history_type[type_k]) by position from the latest
+event and event type (model/history.py has the same formula in numpy, for serving).
 """
 
 from __future__ import annotations
@@ -26,11 +33,17 @@ class MFBlock(nn.Module):
         num_emb: int = 64,
         dropout_p: float = 0.5,
         sparse: bool = True,
+        history: int = 0,
+        event_types: int = 4,
     ) -> None:
         super().__init__()
         self.num_users, self.num_items, self.num_emb = num_users, num_items, num_emb
-        self.dropout_p = dropout_p
-        self.user_embeddings = nn.Embedding(num_users, num_emb, sparse=sparse)
+        self.dropout_p, self.history = dropout_p, history
+        if history:
+            self.history_position = nn.Parameter(torch.zeros(history))
+            self.history_type = nn.Parameter(torch.zeros(event_types))
+        else:
+            self.user_embeddings = nn.Embedding(num_users, num_emb, sparse=sparse)
         self.item_embeddings = nn.Embedding(num_items, num_emb, sparse=sparse)
         self.dense_user = nn.Linear(num_emb, num_emb)
         self.dense_item = nn.Linear(num_emb, num_emb)
@@ -38,6 +51,20 @@ class MFBlock(nn.Module):
 
     def user_tower(self, users: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.dense_user(self.user_embeddings(users)))
+
+    def history_weights(self, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) pooling weights of events by position (column 0: the latest) and type,
+        0 where `mask` is False, each row summing to 1 (or 0 without any event)."""
+        w = torch.exp(self.history_position[: types.shape[1]] + self.history_type[types]) * mask
+        return w / w.sum(1, keepdim=True).clamp_min(1e-30)
+
+    def history_tower(
+        self, items: torch.Tensor, types: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """User vectors from (B, L) recent events, latest first (`mask`: which are events)."""
+        vectors = self.item_embeddings(items.clamp_min(0))
+        pooled = (self.history_weights(types, mask).unsqueeze(2) * vectors).sum(1)
+        return torch.relu(self.dense_user(pooled))
 
     def item_tower(self, items: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.dense_item(self.item_embeddings(items)))
@@ -64,7 +91,9 @@ class MFBlock(nn.Module):
         if scheme not in INITS:
             raise ValueError(f"unknown init {scheme!r}; choose one of {', '.join(INITS)}")
         for name, param in self.named_parameters():
-            if scheme == "seed":
+            if name.startswith("history_"):
+                param.zero_()  # a plain mean of the recent events to start
+            elif scheme == "seed":
                 if name.endswith("bias"):
                     param.zero_()
                 else:

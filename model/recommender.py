@@ -12,8 +12,11 @@ vectors are kept divided by T so that u.i is the logit. Models trained with mse 
 seed's) or bpr score with the raw dot product u.i: mse estimates the event weight
 (view 1 ... purchase 4), bpr's scale means nothing beyond the order.
 
-Users without a row (new, or filtered out at training) can be ranked from their
-history: `fold_in` builds a user vector from the item side (see there).
+A history model (model/history.py) reads its users from their recent events: the user
+vectors are the tower over each user's events as of training, and every product a user
+touched gets the repeat term's bonus on its logit (`bonus`), in pair scores, top-K and the
+normaliser alike. A user without a row is read from the events a request sends by the same
+function (`read_users`); older models fold such a history in (`fold_in`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+
+from model.history import Bonus, HistoryModel, HistoryTower, RecentEvents, RepeatTerm
 
 FALLBACKS = ("null", "mean", "popularity")
 FOLD_IN_STEPS = 10  # L-BFGS-B iterations for a history's user vector
@@ -60,11 +65,13 @@ def _best_first(scores: np.ndarray, k: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FoldIn:
-    """A user vector folded in from history: the vector, its log normaliser, items used."""
+    """A user read from a history: the vector, its log normaliser, the products it knows of,
+    and (history models) the repeat term's bonus: product rows and values."""
 
     vector: np.ndarray
     log_normalizer: float | None
     known_items: int
+    bonus: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _logsumexp(logits: np.ndarray) -> float:
@@ -101,6 +108,19 @@ def _solve_softmax_user(
         options={"maxiter": steps},
     )
     return result.x.astype(np.float32)
+
+
+def _add_bonus(
+    scores: np.ndarray, item_rows: np.ndarray | None, items: np.ndarray, values: np.ndarray
+) -> None:
+    """scores += values at `items` (product rows); `item_rows`: the sorted rows `scores`
+    covers (None: every row)."""
+    if item_rows is None:
+        scores[items] += values
+        return
+    at = np.minimum(np.searchsorted(item_rows, items), max(len(item_rows) - 1, 0))
+    hit = (item_rows[at] == items) if len(item_rows) else np.zeros(len(items), bool)
+    scores[at[hit]] += values[hit]
 
 
 class IdIndex:
@@ -154,6 +174,8 @@ class Recommender:
     info: dict[str, Any] = field(default_factory=dict)
     # softmax models: log sum_j exp(u . i_j) per user row; scores are then probabilities
     user_log_normalizer: np.ndarray | None = None
+    history: HistoryModel | None = None  # history models: reads a user from their events
+    bonus: Bonus | None = None  # history models: the repeat term of each user row's products
 
     kind = "mfblock"
 
@@ -166,16 +188,37 @@ class Recommender:
         user_rows: np.ndarray | None = None,
         item_rows: np.ndarray | None = None,
         temperature: float | None = None,
+        repeat: RepeatTerm | None = None,
         **kwargs: Any,
     ) -> Recommender:
-        """`temperature` set: a softmax model, whose weights carry `user_log_normalizer`."""
-        user_vectors = relu_tower(
-            weights["user_embeddings.weight"],
-            weights["dense_user.weight"],
-            weights["dense_user.bias"],
-        )
+        """`temperature` set: a softmax model, whose weights carry `user_log_normalizer`;
+        `repeat` set: a history model, whose weights carry each user's `events.*`."""
+        if repeat is not None:
+            events = RecentEvents(
+                weights["events.indptr"],
+                weights["events.items"],
+                weights["events.types"],
+                weights["events.times"],
+            )
+            history = HistoryModel(
+                HistoryTower(weights["history_position"], weights["history_type"]),
+                weights["item_embeddings.weight"].astype(np.float32, copy=False),
+                weights["dense_user.weight"].astype(np.float32, copy=False),
+                weights["dense_user.bias"].astype(np.float32, copy=False),
+                1.0 if temperature is None else float(temperature),
+                repeat,
+            )
+            user_vectors = history.user_vectors(events)  # already divided by the temperature
+            kwargs.update(history=history, bonus=repeat.bonus(events))
+        else:
+            user_vectors = relu_tower(
+                weights["user_embeddings.weight"],
+                weights["dense_user.weight"],
+                weights["dense_user.bias"],
+            )
+            if temperature is not None:
+                user_vectors /= np.float32(temperature)  # u . i is now the softmax logit
         if temperature is not None:
-            user_vectors /= np.float32(temperature)  # u . i is now the softmax logit
             kwargs["user_log_normalizer"] = weights["user_log_normalizer"]
         item_vectors = relu_tower(
             weights["item_embeddings.weight"],
@@ -206,6 +249,8 @@ class Recommender:
         if not ok.all():
             u, i = u[ok], i[ok]
         dots = np.einsum("ij,ij->i", self.user_vectors[u], self.item_vectors[i])
+        if self.bonus is not None:
+            dots += self.bonus.lookup(u, i)
         if self.probabilities:
             dots = self._to_probability(dots, self.user_log_normalizer[u])
         if ok.all():
@@ -250,7 +295,8 @@ class Recommender:
         if row < 0 or k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         normalizer = self.user_log_normalizer[row] if self.probabilities else None
-        return self.rank_vector(self.user_vectors[row], k, candidates, exclude, normalizer)
+        bonus = self.bonus.row(row) if self.bonus is not None else None
+        return self.rank_vector(self.user_vectors[row], k, candidates, exclude, normalizer, bonus)
 
     def rank_vector(
         self,
@@ -259,9 +305,11 @@ class Recommender:
         candidates: np.ndarray | None = None,
         exclude: np.ndarray | None = None,
         log_normalizer: float | None = None,
+        bonus: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """top_k for a user vector (a known user's row, or one folded in from history);
-        vector None: by item popularity (the fallback ranking), scored as the fallback is."""
+        """top_k for a user vector (a known user's row, or one read from a history), plus
+        `bonus` (product rows, values) on those products' scores; vector None: by item
+        popularity (the fallback ranking), scored as the fallback is."""
         if candidates is None and len(self.items) < len(self.item_vectors):
             candidates = self.items.sorted_ids  # rows no id names cannot be returned
         if vector is None:
@@ -278,6 +326,8 @@ class Recommender:
         else:
             item_rows = None
             scores = self.item_vectors @ vector if vector is not None else table.copy()
+        if bonus is not None and vector is not None and len(bonus[0]):
+            _add_bonus(scores, item_rows, *bonus)
         if exclude is not None and len(exclude):
             ex = self.items.rows(exclude)
             ex = ex[ex >= 0]
@@ -291,6 +341,33 @@ class Recommender:
         if log_normalizer is not None:
             top = self._to_probability(top, log_normalizer)
         return self.items.ids_by_row[rows], top
+
+    def read_users(self, events: RecentEvents) -> list[FoldIn | None]:
+        """Each user of `events` (product rows, -1 unknown) as the model reads them; None for
+        a user with no product the model knows. History models: the tower, the repeat term
+        and the exact normaliser over the catalogue; others: `fold_in` of the products."""
+        if self.history is None:
+            return [
+                self.fold_in(self.items.ids_by_row[items[items >= 0]])
+                for items in np.split(events.items, events.indptr[1:-1])
+            ]
+        vectors = self.history.user_vectors(events)
+        bonus = self.history.repeat.bonus(events)
+        out: list[FoldIn | None] = []
+        for row, vector in enumerate(vectors):
+            items = events.items[events.indptr[row] : events.indptr[row + 1]]
+            known = int((items >= 0).sum())
+            if not known:
+                out.append(None)
+                continue
+            touched = bonus.row(row)
+            normalizer = None
+            if self.probabilities:
+                logits = self.item_vectors @ vector
+                logits[touched[0]] += touched[1]
+                normalizer = _logsumexp(logits)
+            out.append(FoldIn(vector, normalizer, known, touched))
+        return out
 
     def fold_in(self, product_ids: np.ndarray, steps: int = FOLD_IN_STEPS) -> FoldIn | None:
         """A user vector from the products of a user's recent events (oldest first; unknown
@@ -318,6 +395,12 @@ class Recommender:
         normalizer = _logsumexp(self.item_vectors @ vector) if self.probabilities else None
         return FoldIn(vector, normalizer, len(rows))
 
+    @property
+    def recent_events(self) -> int | None:
+        """Events per user a history model reads (the artifact's N); None: any number."""
+        n = self.info.get("recent_events")
+        return n if isinstance(n, int) and n > 0 else None
+
     @cached_property
     def mean_user_vector(self) -> np.ndarray:
         return self.user_vectors.mean(0) if len(self.user_vectors) else np.zeros(0, np.float32)
@@ -330,6 +413,8 @@ class Recommender:
             "num_emb": int(self.user_vectors.shape[1]),
             "inputs": ["user_id", "product_id"],
             **{
-                k: v for k, v in self.info.items() if k in ("objective", "source", "format_version")
+                k: v
+                for k, v in self.info.items()
+                if k in ("objective", "source", "format_version", "user_tower", "recent_events")
             },
         }

@@ -25,6 +25,7 @@ import numpy as np
 
 from model.errors import ArtifactError, BadRequest
 from model.recommender import Recommender
+from serve.history import parse_histories
 from serve.records import CsvTable, Payload, Prediction, Rankings, Scores
 
 MAX_TOP_K = 1000
@@ -95,13 +96,6 @@ def _per_user(value: Any, n_users: int, what: str) -> list[np.ndarray | None]:
     return lists
 
 
-def _histories(value: Any) -> list[np.ndarray]:
-    """`history`: one list of product ids (one user, oldest first), or one list per user."""
-    if not isinstance(value, list) or not value:
-        raise BadRequest('"history" must be a non-empty list of product ids (or one list per user)')
-    return _id_lists(value, "history")
-
-
 class RecommenderModel(ServableModel):
     """MFBlock (recsql-trained or seed MXNet): scores `user_id,product_id` pairs."""
 
@@ -152,29 +146,30 @@ class RecommenderModel(ServableModel):
         return Rankings(ids, scores, user_ids, counts)
 
     def rank_histories(self, options: Options) -> Rankings:
-        """Top-K from each history's products (see Recommender.fold_in); a history the
-        model knows nothing of gets the popularity ranking, and each reply says which."""
-        histories = _histories(options.history)
+        """Top-K from each history's events (serve/history.py; Recommender.read_users); a
+        history the model knows nothing of gets the popularity ranking, and each reply
+        says which."""
+        rec = self.recommender
+        events = parse_histories(options.history, rec.items.rows, rec.recent_events)
         if options.top_k is None:
             raise BadRequest('"history" needs "top_k": it ranks products, it scores no pairs')
-        rec, k = self.recommender, options.top_k
-        candidates = _per_user(options.candidates, len(histories), "candidates")
-        exclude = _per_user(options.exclude, len(histories), "exclude")
+        k, n = options.top_k, events.num_users
+        candidates = _per_user(options.candidates, n, "candidates")
+        exclude = _per_user(options.exclude, n, "exclude")
         ids, scores, basis = [], [], []
-        for row, history in enumerate(histories):
-            user = rec.fold_in(history)
+        for row, user in enumerate(rec.read_users(events)):
             if user is None:
                 best = rec.rank_vector(None, k, candidates[row], exclude[row])
             else:
                 best = rec.rank_vector(
-                    user.vector, k, candidates[row], exclude[row], user.log_normalizer
+                    user.vector, k, candidates[row], exclude[row], user.log_normalizer, user.bonus
                 )
             ids.append(best[0])
             scores.append(best[1])
             basis.append("popularity" if user is None else "history")
         fallen = basis.count("popularity")
         counts = {"malformed": 0, "unknown": fallen, "fallback": fallen, "null": 0}
-        return Rankings(ids, scores, [None] * len(histories), counts, basis)
+        return Rankings(ids, scores, [None] * n, counts, basis)
 
     def describe(self) -> dict[str, Any]:
         return self.recommender.describe()
@@ -188,7 +183,10 @@ class RecommenderModel(ServableModel):
             rec.items.sorted_ids,
             rec.item_popularity,
         )
-        return int(sum(a.nbytes for a in arrays if a is not None) * 2)  # ids: sorted + by row
+        history = rec.history.item_embeddings.nbytes if rec.history is not None else 0
+        bonus = rec.bonus.nbytes() if rec.bonus is not None else 0
+        # ids: sorted + by row
+        return int(sum(a.nbytes for a in arrays if a is not None) * 2) + history + bonus
 
 
 class TabularServable(ServableModel):

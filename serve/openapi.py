@@ -23,10 +23,15 @@ _PAIRS = {
         "exclude": {"type": "array", "description": "product ids, or one list per user"},
         "history": {
             "type": "array",
-            "description": "with top_k, instead of user_id: the product ids of a user's recent"
-            " events, oldest first (or one list per user), for users the model does not know."
-            " Unknown products are skipped; a history with none the model knows gets the"
-            ' popularity ranking. Each reply carries "ranked_by": "history" or "popularity".',
+            "description": "with top_k, instead of user_id: a user's recent events (or one"
+            " list per user), for users the model does not know. An event is a product id (a"
+            ' view) or {"product_id", "event_type": view|cart|purchase|remove_from_cart,'
+            ' "event_time": "2019-11-02 10:00:00 UTC" | ISO 8601 | epoch seconds}; with times'
+            " they are ordered by time, without they are read in list order as one session."
+            " History models read them as they read a known user's events, repeats included;"
+            " older models fold the product ids in. Unknown products are skipped; a history"
+            " with none the model knows gets the popularity ranking. Each reply carries"
+            ' "ranked_by": "history" or "popularity".',
             "items": {},
         },
         "fallback": {"type": "string", "enum": ["null", "mean", "popularity"]},

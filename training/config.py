@@ -36,6 +36,9 @@ class TrainConfig:
     negatives: int = 2048  # sampled softmax: shared uniform negatives per batch
     full_softmax_items: int = 4096  # softmax over every item up to this catalogue size
     recency: float = 0.0  # softmax: an event's weight halves every `recency` later events
+    history: int = 20  # softmax: the user tower reads the last N events; 0 = a per-user embedding
+    history_dropout: float = 0.3  # softmax history: share of window events dropped in training
+    recent_events: int = 200  # events per user the artifact keeps (tower and repeat term read)
     # optimiser (seed: sgd, lr 0.02, momentum 0.9, wd 0, batch 1024)
     opt: str = "adam"
     lr: float = 0.003
@@ -46,7 +49,7 @@ class TrainConfig:
     epochs: int = 20  # at most: early stopping on the held-out events ends sooner
     patience: int = 3  # evaluations without a better held-out score before stopping; 0 = never
     eval_every: int = 2_000_000  # training events between evaluations; 0 = once per epoch
-    refit: bool = True  # after validating, retrain on every event for the chosen epochs
+    refit: bool = False  # after validating, retrain on every event for the chosen epochs
     batch_size: int = 1024  # a flag, never changed silently (a GPU wants 64k+)
     # run
     device: str = "auto"
@@ -69,6 +72,14 @@ class TrainConfig:
                 raise DataError(f"{name} must be > 0, not {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise DataError(f"dropout must be in [0, 1), not {self.dropout!r}")
+        if not 0.0 <= self.history_dropout < 1.0:
+            raise DataError(f"history_dropout must be in [0, 1), not {self.history_dropout!r}")
+        if self.history < 0 or self.recent_events < self.history:
+            raise DataError(
+                f"history must be >= 0 and recent_events >= history, not {self.history!r}"
+                f" and {self.recent_events!r}"
+            )
+
         if min(self.momentum, self.wd, self.threads, self.eval_users, self.patience) < 0:
             raise DataError("momentum, wd, threads, eval_users and patience must be >= 0")
         if self.eval_every < 0:
@@ -82,9 +93,17 @@ class TrainConfig:
         if self.objective != "softmax" and self.opt == "adam":
             raise DataError("--opt adam is for --objective softmax; mse and bpr take sgd, adagrad")
 
+    @property
+    def history_length(self) -> int:
+        """Events the user tower reads: `history` for softmax; mse and bpr (the seed's
+        objectives) always learn a per-user embedding."""
+        return self.history if self.objective == "softmax" else 0
+
 
 # What `--objective mse|bpr` starts from: the seed's optimiser, epochs and no early stopping.
 SEED_DEFAULTS: dict[str, Any] = {
+    "history": 0,
+    "refit": True,
     "opt": "sgd",
     "lr": 0.02,
     "wd": 0.0,
@@ -142,6 +161,12 @@ FIELD_HELP = {
     "negatives": "sampled softmax: uniform negatives shared by a batch",
     "full_softmax_items": "softmax over every item up to this many items, sampled above",
     "recency": "softmax: an event's weight halves every N later events of its user; 0 = off",
+    "history": "softmax: the user tower reads each user's last N events (their products, order "
+    "and types), so a user the model never saw is scored like one it did; 0 = a per-user "
+    "embedding, the seed's",
+    "history_dropout": "softmax history: share of a window's events dropped while training",
+    "recent_events": "events per user the artifact keeps (last N): the tower reads the last "
+    "--history of them, the repeat term (products the user touched) all of them",
     "embedding_lr": "softmax: learning rate of the embedding rows; a row moves only in the "
     "batches that hold its user or product, so it gets far fewer steps than --lr's Dense layers",
     "wd": "weight decay (softmax: L2 on the tower outputs)",
@@ -149,7 +174,8 @@ FIELD_HELP = {
     "patience": "stop after N evaluations without a better held-out score; 0 = never",
     "eval_every": "evaluate on the held-out events every N training events (an epoch is "
     "split into equal parts) or, if an epoch is shorter, after each epoch; 0 = each epoch",
-    "refit": "after validating, retrain on every event for the best epoch count and serve that",
+    "refit": "after validating, retrain on every event for the best epoch count and serve that "
+    "(a history model serves the validated one: its users are read from every event anyway)",
     "dropout": "dropout on both towers' outputs while training",
     "eval_users": "held-out users ranked each epoch for HR/NDCG; 0 = all",
     "min_events": "users and products with fewer events are dropped (raw event files)",

@@ -319,6 +319,7 @@ def train_distributed(
 
     rank, world = dist.get_rank(), dist.get_world_size()
     _check_distributable(cfg)
+    data = data.without_test_pairs()  # the seed's training set, as train() uses for mse/bpr
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model = build_model(cfg, data).to(device)

@@ -1,20 +1,10 @@
-"""Held-out evaluation: test MSE, HR@K and NDCG@K, and the popularity baseline.
+"""`recsql evaluate`: a saved model on prepared events, scored as training scored it.
 
-Protocol (leave-last-out, full ranking): each user's last event is the test
-row. For a user, every item is scored; the user's *training* items are removed
-from the candidates, except the held-out item itself (REES46 users often come
-back to an item they viewed before, and dropping it would make those users
-unscoreable); the test item's rank among the remaining candidates gives
-HR@K = [rank < K] and NDCG@K = 1/log2(rank + 2) when rank < K.
-
-Ties are broken uniformly at random, in expectation: a user whose test item
-ties with `t` other candidates and is beaten by `g` gets the mean of the
-metric over ranks g..g+t. A model that scores every item the same (a dead
-ReLU tower) therefore gets the random-guess score, not a perfect one.
-
-Ranking costs (users x items) dot products, so it runs on a seeded sample of
-`eval_users` test users (0 = all). `recsql evaluate` runs the same code on a
-saved model directory.
+Models with a per-user embedding are ranked as training ranked them (training/metrics.py:
+their training products excluded except the held-out one). A history model reads each
+user from their prepared training events (its own stored events are as of its training, the
+held-out ones included) and is ranked in both modes beside the simple rules
+(training/baselines.py), as `recsql train` reports it.
 """
 
 from __future__ import annotations
@@ -22,143 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from model.errors import ArtifactError, DataError
+from training.metrics import SeenItems, mse, popularity_metrics, ranking_metrics, sample_rows
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SeenItems:
-    """Each user's training items as CSR: items[indptr[u]:indptr[u + 1]]."""
-
-    indptr: np.ndarray
-    items: np.ndarray
-
-    @classmethod
-    def build(cls, train_users: np.ndarray, train_items: np.ndarray, num_users: int) -> SeenItems:
-        order = np.argsort(train_users, kind="stable")
-        counts = np.bincount(train_users, minlength=num_users)
-        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls(indptr, np.asarray(train_items, np.int64)[order])
-
-    def pairs(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position in `users`, item) for every training item of those users."""
-        starts, ends = self.indptr[users], self.indptr[users + 1]
-        lens = ends - starts
-        pos = np.repeat(np.arange(len(users)), lens)
-        offsets = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-        return pos, self.items[np.repeat(starts, lens) + offsets]
-
-
-def sample_rows(n: int, eval_users: int, seed: int) -> np.ndarray:
-    """A seeded, sorted sample of `eval_users` of n test rows (all when 0 or >= n)."""
-    if eval_users <= 0 or eval_users >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=eval_users, replace=False))
-
-
-def _discount_prefix(k: int) -> np.ndarray:
-    """prefix[r] = sum of 1/log2(q + 2) for q < r, r = 0..k."""
-    return np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))])
-
-
-def ranking_metrics(
-    user_vectors: Any,
-    item_vectors: Any,
-    users: np.ndarray,
-    test_items: np.ndarray,
-    seen: SeenItems,
-    k: int = 10,
-    chunk: int = 1024,
-) -> dict[str, float]:
-    """HR@K and NDCG@K of scores user_vectors @ item_vectors.T.
-
-    `user_vectors[j]` belongs to user row `users[j]`, whose held-out item is
-    `test_items[j]`. Vectors may be numpy arrays or torch tensors (any device).
-    """
-    import torch
-
-    uv = torch.as_tensor(user_vectors)
-    iv = torch.as_tensor(item_vectors, device=uv.device, dtype=uv.dtype)
-    prefix = _discount_prefix(k)
-    hits, gains = [], []
-    for s in range(0, len(users), chunk):
-        rows = np.arange(s, min(s + chunk, len(users)))
-        scores = uv[rows] @ iv.T
-        pos, items = seen.pairs(users[rows])
-        keep = items != test_items[rows][pos]
-        dev = scores.device
-        scores[
-            torch.as_tensor(pos[keep], device=dev), torch.as_tensor(items[keep], device=dev)
-        ] = -torch.inf
-        target = scores[
-            torch.arange(len(rows), device=dev), torch.as_tensor(test_items[rows], device=dev)
-        ]
-        greater = (scores > target[:, None]).sum(1).cpu().numpy()
-        ties = (scores == target[:, None]).sum(1).cpu().numpy() - 1
-        lo, hi = np.minimum(greater, k), np.minimum(greater + ties + 1, k)
-        hits.append((hi - lo) / (ties + 1))
-        gains.append((prefix[hi] - prefix[lo]) / (ties + 1))
-    if not hits:
-        return {"hr": float("nan"), "ndcg": float("nan"), "users": 0}
-    return {
-        "hr": float(np.concatenate(hits).mean()),
-        "ndcg": float(np.concatenate(gains).mean()),
-        "users": len(users),
-    }
-
-
-def popularity_metrics(
-    train_items: np.ndarray,
-    num_items: int,
-    users: np.ndarray,
-    test_items: np.ndarray,
-    seen: SeenItems,
-    k: int = 10,
-) -> dict[str, float]:
-    """The popularity baseline: every user gets items ranked by training event count."""
-    counts = np.bincount(train_items, minlength=num_items).astype(np.float32)
-    ones = np.ones((len(users), 1), np.float32)
-    return ranking_metrics(ones, counts[:, None], users, test_items, seen, k)
-
-
-def mse(pred: np.ndarray, labels: np.ndarray) -> float:
-    if not len(labels):
-        return float("nan")
-    return float(np.mean((np.asarray(pred, np.float64) - labels) ** 2))
-
-
-def plot_curves(history: list[dict[str, Any]], baseline: dict[str, float], path: Path) -> None:
-    """Per-epoch MSE (train, test, mean predictor) and HR/NDCG vs popularity, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (
-        ("train_mse", "train MSE"),
-        ("test_mse", "test MSE"),
-        ("mean_mse", "mean predictor (test)"),
-    ):
-        left.plot(epochs, [h[key] for h in history], marker="o", label=label)
-    left.set(xlabel="epoch", ylabel="MSE", title="regression")
-    left.legend()
-    for key, style in (("hr", "-"), ("ndcg", "--")):
-        right.plot(epochs, [h[key] for h in history], style, marker="o", label=f"model {key}")
-        right.axhline(baseline[key], linestyle=style, color="grey", label=f"popularity {key}")
-    right.set(xlabel="epoch", ylabel=f"@{history[0]['k'] if history else 10}", title="ranking")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def evaluate_model_dir(
@@ -171,6 +33,9 @@ def evaluate_model_dir(
     model = load_model(model_dir)
     if not isinstance(model, Recommender):
         raise ArtifactError(f"{model_dir}: evaluate supports MFBlock models, not {model.kind!r}")
+    if model.history is not None:
+        return _evaluate_history(model, model_dir, data, k, eval_users, seed)
+    data = data.without_test_pairs()  # the set such a model trained and was ranked on
     users = model.users.rows(data.user_ids[data.test_users])
     items = model.items.rows(data.product_ids[data.test_items])
     known = (users >= 0) & (items >= 0)
@@ -201,7 +66,59 @@ def evaluate_model_dir(
     }
 
 
+def _evaluate_history(
+    model: Any, model_dir: Path, data: Any, k: int, eval_users: int, seed: int
+) -> dict[str, Any]:
+    """A history model on the users of `data`, read from their training events."""
+    from model.history import RecentEvents
+    from training.baselines import modes, rule_metrics
+    from training.history import training_events
+    from training.results import verdict
+
+    to_model = model.items.rows(data.product_ids)  # data's product rows -> the model's
+    test_items = to_model[data.test_items]
+    known = test_items >= 0
+    if not known.any():
+        raise DataError("no held-out event names a product the model knows")
+    pick = np.flatnonzero(known)[sample_rows(int(known.sum()), eval_users, seed)]
+    every = training_events(data).subset(data.test_users[pick].astype(np.int64))
+    events = RecentEvents(every.indptr, to_model[every.items].astype(np.int32), every.types,
+                          every.times).known()  # fmt: skip
+    items = test_items[pick]
+    vectors = model.history.user_vectors(events)
+    result: dict[str, Any] = {"model_dir": str(model_dir), "objective": "softmax", "k": k}
+    for mode, (positions, seen) in modes(events, len(model.item_vectors), np.arange(len(pick)),
+                                         items).items():  # fmt: skip
+        bonus = model.history.repeat.bonus(events) if mode == "kept" else None
+        got = ranking_metrics(
+            vectors[positions], model.item_vectors, positions, items[positions], seen, k,
+            bonus=bonus,
+        )  # fmt: skip
+        result["model" if mode == "kept" else mode] = got
+    baselines = rule_metrics(events, len(model.item_vectors), np.arange(len(pick)), items, k)
+    final = {**result["model"], "excluded": result["excluded"]}
+    result.update(
+        test_rows=int(known.sum()),
+        test_rows_unknown=int((~known).sum()),
+        baselines=baselines,
+        verdict=verdict(final, baselines, k),
+    )
+    return result
+
+
 def format_table(result: dict[str, Any]) -> str:
+    if "baselines" in result:
+        from training.results import baseline_table
+
+        final = {**result["model"], "excluded": result["excluded"]}
+        return "\n".join(
+            [
+                baseline_table(final, result["baselines"], result["k"]),
+                result["verdict"],
+                f"({result['model']['users']} users ranked over all products;"
+                f" {result['test_rows']} test rows)",
+            ]
+        )
     k = result["k"]
     lines = [f"{'':<16}{'HR@' + str(k):>10}{'NDCG@' + str(k):>10}{'test MSE':>10}"]
     m, p = result["model"], result["popularity"]

@@ -11,8 +11,10 @@ Semantics (the seed's, kept exactly, except its last-event bug):
 - Test set: each user's last kept event by event_time, ties broken by file order (files in the
   order given, folders expanded sorted by name, then line order). The seed's merges reordered
   rows, so its "last" event was truly the last for only 7% of users; here it is the real one.
-- Training set: every kept row (duplicates kept, one sample per row) except those whose
-  (user, product) pair is a test pair, in file and line order (the trainer shuffles).
+- Training set: every other kept row (duplicates kept, one sample per row), in file and line
+  order, with its event_time (the trainer orders each user's events by it). Earlier events of
+  a user's test product stay: a repeat is what a history model learns from. The seed dropped
+  them; `without_test_pairs()` gives its training set, and the mse/bpr objectives train on it.
 
 DuckDB does the work in bounded memory (memory_limit, spilling to temp_directory). Each file
 is appended to one table in order: DuckDB preserves insertion order for a single-table
@@ -22,6 +24,7 @@ INSERT ... SELECT, so `rowid` is the global file/line order that breaks event_ti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import itertools
 import json
@@ -49,6 +52,7 @@ REQUIRED_COLUMNS = ("event_time", "event_type", "product_id", "user_id")
 EVENT_WEIGHTS = {"purchase": 4, "cart": 3, "remove_from_cart": 2}  # anything else: 1
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
 PREPARED_MARKER = "prepared.json"
+PREPARED_VERSION = 2  # 2: event times, and the test product's earlier events kept
 _ARRAYS = {
     "train_users": np.int32,
     "train_items": np.int32,
@@ -56,6 +60,8 @@ _ARRAYS = {
     "test_users": np.int32,
     "test_items": np.int32,
     "test_labels": np.float32,
+    "train_times": np.int64,
+    "test_times": np.int64,
     "user_ids": np.int64,
     "product_ids": np.int64,
 }
@@ -73,16 +79,47 @@ class PreparedEvents:
     user_ids: np.ndarray  # int64 external user_id of each row
     product_ids: np.ndarray  # int64 external product_id of each row
     stats: dict = field(default_factory=dict)
+    # int64 epoch seconds of each event; None: unknown, read as one second apart in row order
+    train_times: np.ndarray | None = None
+    test_times: np.ndarray | None = None
+
+    def times(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train, test) event times; without known times, the row order one second apart
+        (every test event after every training event)."""
+        if self.train_times is not None and self.test_times is not None:
+            return self.train_times, self.test_times
+        n = len(self.train_users)
+        return np.arange(n, dtype=np.int64), np.arange(n, n + len(self.test_users), dtype=np.int64)
+
+    def without_test_pairs(self) -> PreparedEvents:
+        """The seed's training set: no training row of a user's test product."""
+        test_item = np.full(len(self.user_ids), -1, np.int64)
+        test_item[self.test_users] = self.test_items
+        keep = self.train_items != test_item[self.train_users]
+        train_times = None if self.train_times is None else self.train_times[keep]
+        return dataclasses.replace(
+            self,
+            train_users=self.train_users[keep],
+            train_items=self.train_items[keep],
+            train_labels=self.train_labels[keep],
+            train_times=train_times,
+        )
 
     def save(self, out_dir: Path) -> None:
         """`<name>.npy` per array, the two id indexes as CSV, and prepared.json (stats)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        train_times, test_times = self.times()
+        arrays = {**self.__dict__, "train_times": train_times, "test_times": test_times}
         for name in _ARRAYS:
-            np.save(out_dir / f"{name}.npy", getattr(self, name), allow_pickle=False)
+            np.save(out_dir / f"{name}.npy", arrays[name], allow_pickle=False)
         write_index(out_dir / "user_index.csv", "user_id", "user", self.user_ids)
         write_index(out_dir / "product_index.csv", "product_id", "item", self.product_ids)
-        marker = {"format": "recsql-prepared", "format_version": 1, "stats": self.stats}
+        marker = {
+            "format": "recsql-prepared",
+            "format_version": PREPARED_VERSION,
+            "stats": self.stats,
+        }
         (out_dir / PREPARED_MARKER).write_text(json.dumps(marker, indent=2))
 
     @classmethod
@@ -90,7 +127,13 @@ class PreparedEvents:
         out_dir = Path(out_dir)
         if not is_prepared_dir(out_dir):
             raise DataError(f"{out_dir}: not a prepared folder (no valid {PREPARED_MARKER})")
-        stats = json.loads((out_dir / PREPARED_MARKER).read_text()).get("stats", {})
+        marker = json.loads((out_dir / PREPARED_MARKER).read_text())
+        if marker.get("format_version") != PREPARED_VERSION:
+            raise DataError(
+                f"{out_dir}: prepared by an older recsql (format_version"
+                f" {marker.get('format_version')}, no event times); run `recsql prepare` again"
+            )
+        stats = marker.get("stats", {})
         arrays = {}
         for name, dtype in _ARRAYS.items():
             path = out_dir / f"{name}.npy"
@@ -111,9 +154,11 @@ class PreparedEvents:
         product_ids: np.ndarray,
         weights: np.ndarray,
         repeats: bool = True,
+        times: np.ndarray | None = None,
     ) -> PreparedEvents:
         """Index events given oldest first: each user's last event is the test row (users
         with one event have none) and every other event is a training row, in order.
+        `times` (epoch seconds) default to the row order, one second apart.
 
         The same index order as `prepare_events` (most events first, ties by id), and no
         event filtered. `repeats=False` drops a user's earlier events of their test product
@@ -121,8 +166,9 @@ class PreparedEvents:
         """
         user_ids, product_ids = np.asarray(user_ids, np.int64), np.asarray(product_ids, np.int64)
         weights = np.asarray(weights, np.float32)
-        if not len(user_ids) == len(product_ids) == len(weights):
-            raise DataError("user_ids, product_ids and weights differ in length")
+        times = np.arange(len(user_ids)) if times is None else np.asarray(times, np.int64)
+        if not len(user_ids) == len(product_ids) == len(weights) == len(times):
+            raise DataError("user_ids, product_ids, weights and times differ in length")
         uid, u = _ranked_index(user_ids)
         pid, i = _ranked_index(product_ids)
         users, first_from_end = np.unique(u[::-1], return_index=True)
@@ -143,6 +189,8 @@ class PreparedEvents:
             test_labels=weights[last],
             user_ids=uid,
             product_ids=pid,
+            train_times=times[train],
+            test_times=times[last],
         )
 
     def _check(self) -> None:
@@ -151,6 +199,9 @@ class PreparedEvents:
             raise DataError("prepared data: train arrays differ in length")
         if len(self.test_items) != n_test or len(self.test_labels) != n_test:
             raise DataError("prepared data: test arrays differ in length")
+        train_times, test_times = self.times()
+        if len(train_times) != n_train or len(test_times) != n_test:
+            raise DataError("prepared data: event times differ in length from the events")
         for rows, ids, what in (
             (self.train_users, self.user_ids, "train_users"),
             (self.test_users, self.user_ids, "test_users"),
@@ -424,7 +475,8 @@ def _build_tables(con: duckdb.DuckDBPyConnection, min_events: int, bar: tqdm) ->
     _sql(
         con,
         f"""CREATE TABLE uc AS
-            SELECT u, count(*) AS n, arg_max(p, {last}) AS last_p, arg_max(w, {last}) AS last_w
+            SELECT u, count(*) AS n, arg_max(p, {last}) AS last_p, arg_max(w, {last}) AS last_w,
+                   arg_max(rowid, {last}) AS last_r, epoch_us(max(t)) // 1000000 AS last_s
             {kept} GROUP BY u""",
         bar=bar,
     )
@@ -437,7 +489,7 @@ def _build_tables(con: duckdb.DuckDBPyConnection, min_events: int, bar: tqdm) ->
         )
     _sql(
         con,
-        """CREATE TABLE users AS SELECT u, last_p, last_w,
+        """CREATE TABLE users AS SELECT u, last_p, last_w, last_r, last_s,
                   (row_number() OVER (ORDER BY n DESC, u ASC) - 1)::INTEGER AS ui FROM uc;
            CREATE TABLE products AS SELECT p,
                   (row_number() OVER (ORDER BY n DESC, p ASC) - 1)::INTEGER AS pi FROM pc;
@@ -448,9 +500,9 @@ def _build_tables(con: duckdb.DuckDBPyConnection, min_events: int, bar: tqdm) ->
     _sql(
         con,
         """CREATE TABLE train AS
-           SELECT users.ui, products.pi, ev.w
+           SELECT users.ui, products.pi, ev.w, epoch_us(ev.t) // 1000000 AS s
            FROM ev JOIN users ON ev.u = users.u JOIN products ON ev.p = products.p
-           WHERE ev.p <> users.last_p AND ev.t IS NOT NULL
+           WHERE ev.rowid <> users.last_r AND ev.t IS NOT NULL
            ORDER BY ev.rowid;
            DROP TABLE ev;""",
         bar=bar,
@@ -474,7 +526,7 @@ def _fetch(con: duckdb.DuckDBPyConnection, stats: dict) -> PreparedEvents:
     user_ids = np.asarray(users["u"], dtype=np.int64)
     product_ids = column("SELECT p FROM products ORDER BY pi", np.int64)
     test = con.execute(
-        """SELECT users.ui, products.pi, users.last_w::FLOAT AS w
+        """SELECT users.ui, products.pi, users.last_w::FLOAT AS w, users.last_s AS s
            FROM users JOIN products ON users.last_p = products.p ORDER BY users.ui"""
     ).fetchnumpy()
     prepared = PreparedEvents(
@@ -486,13 +538,14 @@ def _fetch(con: duckdb.DuckDBPyConnection, stats: dict) -> PreparedEvents:
         test_labels=np.asarray(test["w"], dtype=np.float32),
         user_ids=user_ids,
         product_ids=product_ids,
+        train_times=column("SELECT s FROM train", np.int64),
+        test_times=np.asarray(test["s"], dtype=np.int64),
     )
     stats.update(
         users=len(user_ids),
         products=len(product_ids),
         train_rows=len(prepared.train_users),
         test_rows=len(prepared.test_users),
-        rows_removed_test_pairs=stats["rows_kept"] - len(prepared.train_users),
     )
     return prepared
 

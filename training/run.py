@@ -30,6 +30,7 @@ from training.distributed import (
     train_in_group,
 )
 from training.events import load_events
+from training.results import baseline_table
 from training.sagemaker import SageMakerEnv, input_paths, training_config, write_failure
 from training.train import train
 
@@ -70,6 +71,9 @@ def run_train_command(args: argparse.Namespace) -> int:
         f"{final['epoch']} (popularity {pop['hr']:.4f} / {pop['ndcg']:.4f}, "
         f"{metrics['eval_users']} users)"
     )
+    if "baselines" in metrics:
+        print(baseline_table(final, metrics["baselines"], cfg.k))
+        print(metrics["verdict"])
     refit = metrics.get("refit")
     if refit:
         print(f"refit on all {refit['events']:,} events for {refit['epochs']} epochs")

@@ -73,18 +73,27 @@ class RowAdam:
 
 
 class SoftmaxStep:
-    """One batch of the softmax objective; called like the other steps."""
+    """One batch of the softmax objective; called like the other steps. A history model
+    (`sequences` given) is called with the rows of its events in `sequences` as `users`."""
 
-    def __init__(self, model: Any, cfg: Any, item_counts: np.ndarray, generator: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cfg: Any,
+        item_counts: np.ndarray,
+        generator: Any,
+        sequences: Any = None,
+    ) -> None:
         import torch
 
-        self.model, self.cfg, self.gen = model, cfg, generator
+        self.model, self.cfg, self.gen, self.sequences = model, cfg, generator, sequences
         self.num_items = model.num_items
         self.full = self.num_items <= cfg.full_softmax_items
         device = model.item_embeddings.weight.device
         p = item_counts.astype(np.float64) / max(item_counts.sum(), 1)
         self.log_p1 = torch.as_tensor(np.log1p(-np.minimum(p, 1 - 1e-12)), device=device)
-        self.users = RowAdam(model.user_embeddings.weight, cfg.embedding_lr)
+        if not model.history:
+            self.users = RowAdam(model.user_embeddings.weight, cfg.embedding_lr)
         self.items = RowAdam(model.item_embeddings.weight, cfg.embedding_lr)
         dense = [q for n, q in model.named_parameters() if not n.endswith("embeddings.weight")]
         self.dense = torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.wd)
@@ -110,10 +119,14 @@ class SoftmaxStep:
 
         m, cfg = self.model, self.cfg
         rows, target, log_pi = self.candidates(items)
-        user_rows, ue, which = self.users.gather(users)
-        ie = self.items.leaf(rows)  # the candidates are distinct rows already
-        a = m.dropout(torch.relu(m.dense_user(ue))[which])  # the tower once per distinct user
-        b = m.dropout(torch.relu(m.dense_item(ie)))
+        if m.history:
+            rows, ie, a = self._history_users(users, rows)
+        else:
+            user_rows, ue, which = self.users.gather(users)
+            ie = self.items.leaf(rows)  # the candidates are distinct rows already
+            a = torch.relu(m.dense_user(ue))[which]  # the tower once per distinct user
+        a = m.dropout(a)
+        b = m.dropout(torch.relu(m.dense_item(ie[: len(rows)])))
         scaled = a if cfg.temperature == 1 else a / cfg.temperature
         logits = scaled @ b.T if log_pi is None else torch.addmm(-log_pi, scaled, b.T)
         weights = labels / labels.sum()
@@ -123,10 +136,50 @@ class SoftmaxStep:
             objective = loss + cfg.wd * ((a * a).sum() / len(users) + (b * b).sum() / len(rows))
         self.dense.zero_grad(set_to_none=True)
         objective.backward()
-        self.users.step(user_rows, ue)
-        self.items.step(rows, ie)
+        if m.history:
+            self.items.step(self._touched, ie)
+        else:
+            self.users.step(user_rows, ue)
+            self.items.step(rows, ie)
         self.dense.step()
         return loss.detach()
+
+    def _history_users(self, positions: Any, candidates: Any) -> tuple[Any, Any, Any]:
+        """(candidate rows, item embedding leaf, user tower outputs) of a history model.
+
+        The leaf holds the candidates first, then the other products of the batch's windows,
+        so both towers' gradients reach one lazily updated table. A window's events are
+        dropped at random (history_dropout) so that no single recent product decides.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        m = self.model
+        hist, types, mask = self.sequences.windows(positions, m.history)
+        if self.cfg.history_dropout:
+            keep = torch.rand(mask.shape, device=mask.device, generator=self.gen)
+            mask = mask & (keep >= self.cfg.history_dropout)
+        seen = hist[mask]
+        if self.full:  # every row is a candidate already
+            touched, where = candidates, seen
+        else:
+            touched, inverse = torch.unique(torch.cat([candidates, seen]), return_inverse=True)
+            # candidates first in the leaf: reorder so that rows[:len(candidates)] are they
+            extra = torch.ones(len(touched), dtype=torch.bool, device=touched.device)
+            extra[inverse[: len(candidates)]] = False
+            touched = torch.cat([candidates, touched[extra]])
+            slot = torch.empty(len(extra), dtype=torch.int64, device=touched.device)
+            slot[inverse[: len(candidates)]] = torch.arange(len(candidates), device=slot.device)
+            slot[extra] = torch.arange(len(candidates), len(touched), device=slot.device)
+            where = slot[inverse[len(candidates) :]]
+        self._touched = touched
+        leaf = self.items.leaf(touched)
+        slots = torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
+        slots[mask] = where  # a dropped or missing event points anywhere, with weight 0
+        pooled = F.embedding_bag(
+            slots, leaf, per_sample_weights=m.history_weights(types, mask), mode="sum"
+        )
+        return candidates, leaf, torch.relu(m.dense_user(pooled))
 
 
 EXACT_NORMALIZER_MACS = 1e11  # users x items x dims above which log Z is estimated

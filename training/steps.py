@@ -191,10 +191,10 @@ class DenseStep:
         return loss.detach()
 
 
-def make_step(cfg: TrainConfig, model: Any, data: Any, gen: Any) -> Any:
+def make_step(cfg: TrainConfig, model: Any, data: Any, gen: Any, sequences: Any = None) -> Any:
     if cfg.objective == "softmax":
         from training.softmax import SoftmaxStep
 
         counts = np.bincount(data.train_items, minlength=model.num_items)
-        return SoftmaxStep(model, cfg, counts, gen)
+        return SoftmaxStep(model, cfg, counts, gen, sequences)
     return FusedStep(model, cfg, gen) if cfg.update == "lazy" else DenseStep(model, cfg)

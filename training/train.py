@@ -28,6 +28,7 @@ import numpy as np
 
 from model.errors import DataError
 from training.config import TrainConfig, resolve_device
+from training.history import Sequences
 from training.results import EvalSet, epoch_metrics, run_metrics, save_artifact
 from training.steps import FusedStep, make_step
 
@@ -44,9 +45,20 @@ def train(cfg: TrainConfig, data: Any, model_dir: Path | None, progress: bool = 
     import torch
 
     device = resolve_device(cfg.device)
+    if not cfg.history_length:  # the seed's training set: no earlier event of its test product
+        data = data.without_test_pairs()
     ev = EvalSet.build(cfg, data, len(data.user_ids), len(data.product_ids))
     model, history, best = fit(cfg, data, device, ev, progress)
     metrics = run_metrics(cfg, history, ev, best)
+    for mode, rules in metrics.get("baselines", {}).items():
+        log.info(
+            "simple rules, %s: %s",
+            "every product" if mode == "kept" else "new products only",
+            ", ".join(f"{name} {r['hr']:.4f} / {r['ndcg']:.4f}" for name, r in rules.items()),
+        )
+    if "verdict" in metrics:
+        winning = metrics["verdict"].startswith("a simple rule wins")
+        log.log(logging.WARNING if winning else logging.INFO, "%s", metrics["verdict"])
     if cfg.refit and len(data.test_users):
         started = time.perf_counter()
         model, _, _ = fit(
@@ -85,10 +97,19 @@ def fit(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model = build_model(cfg, data).to(device)
-    step = make_step(cfg, model, data, gen)
-    users, items, labels = device_arrays(data, device)
+    by_user, sequences = slice(None), None
+    if model.history:  # the step reads each event's window from the (user, time) order
+        sequences = Sequences.build(
+            data.train_users, data.train_items, data.train_labels, data.times()[0], device
+        )
+        by_user = sequences.order
+    step = make_step(cfg, model, data, gen, sequences)
+    users, items, labels = device_arrays(data, device, by_user)
+    if sequences is not None:
+        users = torch.arange(len(labels), device=device)  # the step takes event rows
     if cfg.objective == "softmax" and cfg.recency:
-        labels *= torch.as_tensor(recency_weights(data.train_users, cfg.recency), device=device)
+        weights = recency_weights(data.train_users[by_user], cfg.recency)
+        labels *= torch.as_tensor(weights, device=device)
     log.info(
         "training %s: %d users, %d items, %d events on %s",
         cfg.objective,
@@ -129,8 +150,9 @@ def fit(
         if ev is None:
             continue
         row.update(epoch_metrics(model, ev, device))
+        excluded = row.get("excluded")
         log.info(
-            "epoch %s: loss %.4f%s, HR@%d %.4f, NDCG@%d %.4f, %.0f samples/s",
+            "epoch %s: loss %.4f%s, HR@%d %.4f, NDCG@%d %.4f%s, %.0f samples/s",
             row["epoch"],
             loss,
             f", test MSE {row['test_mse']:.4f} (mean predictor {row['mean_mse']:.4f})"
@@ -140,6 +162,9 @@ def fit(
             row["hr"],
             cfg.k,
             row["ndcg"],
+            f" (new products only: {excluded['hr']:.4f} / {excluded['ndcg']:.4f})"
+            if excluded
+            else "",
             row["samples_per_s"],
         )
         if not best or _better(cfg, row, best):
@@ -185,14 +210,17 @@ def _better(cfg: TrainConfig, row: dict[str, Any], best: dict[str, Any]) -> bool
 
 def _with_test_events(data: Any) -> Any:
     """The same events with each user's held-out one moved into training (for the refit)."""
+    train_times, test_times = data.times()
     return dataclasses.replace(
         data,
         train_users=np.concatenate([data.train_users, data.test_users]),
         train_items=np.concatenate([data.train_items, data.test_items]),
         train_labels=np.concatenate([data.train_labels, data.test_labels]),
+        train_times=np.concatenate([train_times, test_times]),
         test_users=data.test_users[:0],
         test_items=data.test_items[:0],
         test_labels=data.test_labels[:0],
+        test_times=test_times[:0],
     )
 
 
@@ -211,6 +239,7 @@ def build_model(cfg: TrainConfig, data: Any) -> Any:
         cfg.num_embeddings,
         cfg.dropout,
         sparse=cfg.update == "lazy",
+        history=cfg.history_length,
     )
     model.init_weights(cfg.init, generator=torch.Generator().manual_seed(cfg.seed))
     global_mean = float(np.mean(data.train_labels, dtype=np.float64))
@@ -221,12 +250,13 @@ def build_model(cfg: TrainConfig, data: Any) -> Any:
     return model
 
 
-def device_arrays(data: Any, device: Any) -> tuple[Any, Any, Any]:
-    """Training users, items (int64) and labels (float32), resident on `device` for the run."""
+def device_arrays(data: Any, device: Any, order: Any = slice(None)) -> tuple[Any, Any, Any]:
+    """Training users, items (int64) and labels (float32), in `order`, resident on `device`
+    for the run."""
     import torch
 
     def on_device(a: np.ndarray, dtype: Any) -> Any:
-        return torch.as_tensor(np.asarray(a), device=device).to(dtype)
+        return torch.as_tensor(np.asarray(a)[order], device=device).to(dtype)
 
     return (
         on_device(data.train_users, torch.int64),

@@ -152,10 +152,10 @@ def test_safe_extract_refuses_garbage(tmp_path: Path) -> None:
 def test_read_manifest_refuses_newer_format(saved) -> None:
     model_dir = saved[0]
     manifest = json.loads((model_dir / MANIFEST).read_text())
-    (model_dir / MANIFEST).write_text(json.dumps({**manifest, "format_version": 2}))
-    with pytest.raises(ArtifactError, match="format_version 2 is newer"):
+    (model_dir / MANIFEST).write_text(json.dumps({**manifest, "format_version": 3}))
+    with pytest.raises(ArtifactError, match="format_version 3 is newer"):
         read_manifest(model_dir)
-    with pytest.raises(ArtifactError, match="format_version 2 is newer"):
+    with pytest.raises(ArtifactError, match="format_version 3 is newer"):
         load_model(model_dir)
 
 

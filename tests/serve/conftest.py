@@ -43,6 +43,67 @@ def make_artifact(path: Path, seed: int = 0) -> Path:
     return save_mfblock(path, weights, USER_IDS, PRODUCT_IDS, global_mean=GLOBAL_MEAN)
 
 
+def make_history_artifact(path: Path, seed: int = 0, keep: int = 30) -> Path:
+    """A random history model (model/history.py): each user's last `keep` events, some
+    products repeated, a repeat term, and log normalisers that make scores sum to 1."""
+    from model.history import GAP_BUCKETS, HistoryModel, HistoryTower, RecentEvents, RepeatTerm
+    from model.recommender import relu_tower
+
+    rng = np.random.default_rng(seed)
+    weights = random_weights(seed, len(USER_IDS), len(PRODUCT_IDS))
+    del weights["user_embeddings.weight"]
+    counts = rng.integers(0, keep + 10, len(USER_IDS))
+    users = np.repeat(np.arange(len(USER_IDS)), counts)
+    items = rng.integers(0, 40, len(users))  # a small shelf: users come back to products
+    kinds = rng.choice(4, len(users), p=[0.7, 0.15, 0.1, 0.05])
+    times = 1_570_000_000 + np.cumsum(rng.choice([5, 600, 90_000, 4_000_000], len(users)))
+    events = RecentEvents.build(users, items, kinds, times, len(USER_IDS), keep)
+    tower = HistoryTower(-0.1 * np.arange(10), np.array([0.0, 0.4, 0.8, -0.5]))
+    repeat = RepeatTerm(0.9, rng.normal(0, 0.4, (4, GAP_BUCKETS)), rng.normal(0, 0.8, GAP_BUCKETS))
+    history = HistoryModel(
+        tower,
+        weights["item_embeddings.weight"].astype(np.float32),
+        weights["dense_user.weight"].astype(np.float32),
+        weights["dense_user.bias"].astype(np.float32),
+        1.0,
+        repeat,
+    )
+    user_vectors = history.user_vectors(events)
+    logits = (
+        user_vectors
+        @ relu_tower(
+            weights["item_embeddings.weight"],
+            weights["dense_item.weight"],
+            weights["dense_item.bias"],
+        ).T
+    )
+    bonus = repeat.bonus(events)
+    rows = np.repeat(np.arange(len(USER_IDS)), np.diff(bonus.indptr))
+    logits[rows, bonus.items] += bonus.values
+    top = logits.max(1, keepdims=True)
+    weights.update(
+        {
+            "history_position": tower.position,
+            "history_type": tower.event_type,
+            "user_log_normalizer": top[:, 0] + np.log(np.exp(logits - top).sum(1)),
+            "events.indptr": events.indptr,
+            "events.items": events.items,
+            "events.types": events.types,
+            "events.times": events.times,
+        }
+    )
+    return save_mfblock(
+        path,
+        weights,
+        USER_IDS,
+        PRODUCT_IDS,
+        score={"kind": "probability", "temperature": 1.0},
+        user_tower={"kind": "history", "events": 10},
+        recent_events=keep,
+        repeat=repeat.to_json(),
+    )
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_artifact(tmp_path_factory.mktemp("mfblock") / "model")

@@ -196,7 +196,16 @@ def test_top_k_from_a_history(server, recommender) -> None:
     [
         ({"history": [], "top_k": 3}, "non-empty list"),
         ({"history": "1,2", "top_k": 3}, "non-empty list"),
-        ({"history": [1, "x"], "top_k": 3}, "integer product ids"),
+        ({"history": [1, "x"], "top_k": 3}, "entry 2: expected a product id"),
+        ({"history": [{"product": 1}], "top_k": 3}, "unknown field 'product'"),
+        ({"history": [{"product_id": 1.5}], "top_k": 3}, "product_id must be an integer"),
+        ({"history": [{"product_id": 1, "event_type": "like"}], "top_k": 3}, "'like' unknown"),
+        ({"history": [{"product_id": 1, "event_time": "yesterday"}], "top_k": 3}, "not a time"),
+        (
+            {"history": [{"product_id": 1, "event_time": 5}, {"product_id": 2}], "top_k": 3},
+            "on every event or on none",
+        ),
+        ({"history": [[1], []], "top_k": 3}, "history 2 is empty"),
         ({"history": [1, 2]}, 'needs "top_k"'),
         ({"history": [[1], [2]], "top_k": 3, "exclude": [[1]]}, "1 lists for 2 users"),
     ],

@@ -9,13 +9,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from training.evaluate import (
-    SeenItems,
-    evaluate_model_dir,
-    popularity_metrics,
-    ranking_metrics,
-    sample_rows,
-)
+from training.evaluate import evaluate_model_dir
+from training.metrics import SeenItems, popularity_metrics, ranking_metrics, sample_rows
 from training.train import train
 
 from .test_train import LEARN, planted_events

@@ -126,19 +126,29 @@ def test_last_event_is_by_time_not_position(tmp_path):
     assert test[3] == (1, 4.0)
 
 
-def test_test_pairs_removed_from_train_duplicates_kept(tmp_path):
+def test_test_row_held_out_repeats_kept_and_the_seeds_set(tmp_path):
     rows = [(0, "view", 1, 8), (1, "cart", 1, 8), (2, "cart", 1, 8), (3, "view", 2, 8)]
     rows += [(4, "view", 2, 8), (5, "view", 3, 8), (9, "purchase", 1, 8)]
     rows += [(i, "view", p, 9) for i, p in enumerate([1, 1, 2, 2, 3, 3, 3])]
     p = prepare([write_events(tmp_path / "e.csv", rows)], min_events=1)
-    train = triples(p, "train")
-    assert [t for t in train if t[0] == 8] == [(8, 2, 1.0), (8, 2, 1.0), (8, 3, 1.0)]
-    assert [t for t in train if t[0] == 9] == [(9, 1, 1.0), (9, 1, 1.0), (9, 2, 1.0), (9, 2, 1.0)]
-    assert triples(p, "test") == [(8, 1, 4.0), (9, 3, 1.0)] or triples(p, "test") == [
-        (9, 3, 1.0),
-        (8, 1, 4.0),
+    train = triples(p, "train")  # only the test row itself leaves: repeats are what a
+    assert [t for t in train if t[0] == 8] == [  # history model learns from
+        (8, 1, 1.0),
+        (8, 1, 3.0),
+        (8, 1, 3.0),
+        (8, 2, 1.0),
+        (8, 2, 1.0),
+        (8, 3, 1.0),
     ]
-    assert p.stats["rows_removed_test_pairs"] == 4 + 3
+    assert [t[1] for t in train if t[0] == 9] == [1, 1, 2, 2, 3, 3]
+    assert sorted(triples(p, "test")) == [(8, 1, 4.0), (9, 3, 1.0)]
+    start = 1569888000  # 2019-10-01 00:00:00 UTC
+    times = p.train_times[p.user_ids[p.train_users] == 8] - start
+    assert times.tolist() == [0, 1, 2, 3, 4, 5]
+    assert sorted((p.test_times - start).tolist()) == [6, 9]
+    seed = triples(p.without_test_pairs(), "train")  # the seed's: no row of the test pair
+    assert [t for t in seed if t[0] == 8] == [(8, 2, 1.0), (8, 2, 1.0), (8, 3, 1.0)]
+    assert [t for t in seed if t[0] == 9] == [(9, 1, 1.0), (9, 1, 1.0), (9, 2, 1.0), (9, 2, 1.0)]
 
 
 def test_empty_ids_counted_and_skipped(tmp_path):
@@ -282,7 +292,12 @@ def reference(files: list[Path], min_events: int) -> dict:
         if r[3] not in last or r[:2] > last[r[3]][:2]:
             last[r[3]] = r
     test_pairs = {(r[3], r[4]) for r in last.values()}
+    every: dict[int, list] = {}
+    for r in kept:
+        if r is not last[r[3]]:
+            every.setdefault(r[3], []).append(r)
     return {
+        "all_train": every,
         "user_ids": sorted(kept_u, key=lambda u: (-kept_u[u], u)),
         "product_ids": sorted(kept_p, key=lambda p: (-kept_p[p], p)),
         "train": [(r[3], r[4], float(r[2])) for r in kept if (r[3], r[4]) not in test_pairs],
@@ -321,7 +336,8 @@ def test_matches_reference_semantics(tmp_path_factory, parts, min_events):
     got = prepare(files, min_events=min_events)
     assert got.user_ids.tolist() == want["user_ids"]
     assert got.product_ids.tolist() == want["product_ids"]
-    assert triples(got, "train") == want["train"]  # in file and line order
+    assert triples(got.without_test_pairs(), "train") == want["train"]  # file and line order
+    assert len(got.train_users) == sum(len(r) for r in want["all_train"].values())
     test = {u: (item, label) for u, item, label in triples(got, "test")}
     assert test == want["test"]
     assert got.test_users.tolist() == list(range(len(want["user_ids"])))
@@ -345,6 +361,10 @@ def test_line_order_kept_across_parallel_reads(tmp_path):
     want_test = dict(zip(users[last_line].tolist(), products[last_line].tolist(), strict=True))
     test = {u: item for u, item, _ in triples(got, "test")}
     assert test == want_test
+    seed = got.without_test_pairs()
     keep = products != np.array([want_test[u] for u in range(500)])[users]
-    np.testing.assert_array_equal(got.user_ids[got.train_users], users[keep])
-    np.testing.assert_array_equal(got.product_ids[got.train_items], products[keep])
+    np.testing.assert_array_equal(seed.user_ids[seed.train_users], users[keep])
+    np.testing.assert_array_equal(seed.product_ids[seed.train_items], products[keep])
+    every = np.ones(n, bool)
+    every[last_line] = False
+    np.testing.assert_array_equal(got.product_ids[got.train_items], products[every])

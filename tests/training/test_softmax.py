@@ -1,6 +1,6 @@
-"""The default objective (softmax): it learns planted groups, early stopping keeps the best
-epoch, the served model is refit on every event, scores are probabilities, and a history
-folds into a user vector that ranks its group first."""
+"""The default objective (softmax, users read from their recent events): it learns planted
+groups, early stopping keeps the best epoch, a refit trains the served model on every event,
+scores are probabilities, and a history sent by a caller ranks its group first."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from model.artifact import load_model
+from model.history import RecentEvents
 from training.config import make_config
 from training.events import PreparedEvents
 from training.train import _stretches, recency_weights, train
@@ -80,16 +81,17 @@ def test_a_refit_stops_where_validation_did(n, parts, stop_at):
 
 
 def test_refit_trains_the_served_model_on_every_event(trained, planted, tmp_path):
-    metrics, refit, _ = trained
+    validated, kept, model_dir = trained  # the default: no refit
+    assert "refit" not in validated
+    assert json.loads((model_dir / "metrics.json").read_text())["served_model"] == (
+        "validated model"
+    )
+    metrics = train(replace(SOFTMAX, refit=True), planted, tmp_path, progress=False)
+    refit = load_model(tmp_path)
     events = len(planted.train_labels) + len(planted.test_labels)
     assert metrics["refit"]["events"] == events
     assert metrics["refit"]["epochs"] == metrics["final"]["epoch"]
     assert metrics["served_model"] == "refit on every event"
-    train(replace(SOFTMAX, refit=False), planted, tmp_path, progress=False)
-    kept = load_model(tmp_path)
-    assert json.loads((tmp_path / "metrics.json").read_text())["served_model"] == (
-        "validated model"
-    )
     # the held-out events taught the refit model: their pairs score higher there
     users = planted.user_ids[planted.test_users]
     items = planted.product_ids[planted.test_items]
@@ -114,10 +116,13 @@ def test_history_ranks_the_planted_group_first(trained, planted):
     group = _group_of_items(planted)
     hits = []
     for g in range(8):
-        history = planted.product_ids[group == g][:5]
-        user = rec.fold_in(history)
+        history = rec.items.rows(planted.product_ids[group == g][:5])
+        events = RecentEvents.build(np.zeros(5), history, np.zeros(5), np.arange(5), 1)
+        (user,) = rec.read_users(events)
         assert user is not None and user.known_items == 5
-        ids, p = rec.rank_vector(user.vector, 10, log_normalizer=user.log_normalizer)
+        ids, p = rec.rank_vector(
+            user.vector, 10, log_normalizer=user.log_normalizer, bonus=user.bonus
+        )
         rows = rec.items.rows(ids)
         hits.append(np.mean(group[rows] == g))
         assert (p <= 1).all() and (np.diff(p) <= 0).all()
@@ -131,8 +136,10 @@ def test_history_ranks_the_planted_group_first(trained, planted):
     assert np.mean(hits) >= 0.9 * np.mean(known) and np.mean(hits) > 0.3, (hits, known)
 
 
-def test_history_of_unknown_products_folds_to_nothing(trained):
+def test_history_of_unknown_products_reads_as_nothing(trained):
     _, rec, _ = trained
+    events = RecentEvents.build(np.zeros(2), np.array([-1, -1]), np.zeros(2), np.arange(2), 1)
+    assert rec.read_users(events) == [None]
     assert rec.fold_in(np.array([-1, 3, 10**12])) is None
 
 

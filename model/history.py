@@ -1,0 +1,285 @@
+"""What a user did last, and what the model reads from it: recent events, the history tower
+and the repeat term. numpy only; training/ has the same formulas in torch.
+
+    RecentEvents   each user's last events (oldest first): product row, event type, time
+    HistoryTower   the user tower's input: a weighted mean of the item embeddings of a
+                   user's last `length` events, weighted by position and event type
+    RepeatTerm     a learned bonus on the logit of every product the user touched, from how
+                   often, how (view ... purchase) and how long before their latest event
+    Bonus          the repeat term of every (user, product) pair, one sorted run per user
+
+A history model scores u . i + bonus(u, i), where u = relu(dense_user(pooled events)):
+the item tower, the dot product and the softmax stay MFBlock's; the user side is read
+from the events instead of a per-user embedding, so a user the model never saw is scored
+by the same function as one it did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+EVENT_TYPES = ("view", "cart", "purchase", "remove_from_cart")
+TYPE_CODES = {name: code for code, name in enumerate(EVENT_TYPES)}
+# seconds before the user's latest event: same session (30 min), day, week, month, quarter, older
+GAP_EDGES = (1800, 86400, 7 * 86400, 30 * 86400, 90 * 86400)
+GAP_BUCKETS = len(GAP_EDGES) + 1
+
+
+@dataclass(frozen=True)
+class RecentEvents:
+    """Each user's events, oldest first, as CSR: user r's are [indptr[r], indptr[r + 1])."""
+
+    indptr: np.ndarray  # int64 (users + 1,)
+    items: np.ndarray  # int32 product rows (-1: a product the model does not know)
+    types: np.ndarray  # uint8 codes into EVENT_TYPES
+    times: np.ndarray  # int64 epoch seconds
+
+    @classmethod
+    def build(
+        cls,
+        users: np.ndarray,
+        items: np.ndarray,
+        types: np.ndarray,
+        times: np.ndarray,
+        num_users: int,
+        keep: int | None = None,
+    ) -> RecentEvents:
+        """From events sorted by (user, time), keeping each user's last `keep` (None: all)."""
+        users = np.asarray(users, np.int64)
+        counts = np.bincount(users, minlength=num_users)
+        ends = np.cumsum(counts)
+        if keep is not None:
+            from_end = ends[users] - 1 - np.arange(len(users))
+            mask = from_end < keep
+            users, items, types, times = users[mask], items[mask], types[mask], times[mask]
+            counts = np.minimum(counts, keep)
+        return cls(
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            np.asarray(items, np.int32),
+            np.asarray(types, np.uint8),
+            np.asarray(times, np.int64),
+        )
+
+    @property
+    def num_users(self) -> int:
+        return len(self.indptr) - 1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, users: np.ndarray) -> RecentEvents:
+        """The events of `users`, which become rows 0, 1, ... in that order."""
+        users = np.asarray(users, np.int64)
+        starts, ends = self.indptr[users], self.indptr[users + 1]
+        counts = ends - starts
+        at = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return RecentEvents(indptr, self.items[at], self.types[at], self.times[at])
+
+    def known(self) -> RecentEvents:
+        """Without the events of products the model does not know (row -1)."""
+        keep = self.items >= 0
+        counts = np.bincount(self.user_rows()[keep], minlength=self.num_users)
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return RecentEvents(indptr, self.items[keep], self.types[keep], self.times[keep])
+
+    def user_rows(self) -> np.ndarray:
+        """The user row of every event."""
+        return np.repeat(np.arange(self.num_users), np.diff(self.indptr))
+
+    def from_end(self) -> np.ndarray:
+        """Every event's position counted from its user's latest (0 = the latest)."""
+        return np.repeat(self.indptr[1:] - 1, np.diff(self.indptr)) - np.arange(len(self))
+
+    def gaps(self) -> np.ndarray:
+        """Seconds from every event to its user's latest event (>= 0)."""
+        counts = np.diff(self.indptr)
+        latest = self.times[np.maximum(self.indptr[1:] - 1, 0)]
+        return np.maximum(np.repeat(latest, counts) - self.times, 0)
+
+
+@dataclass(frozen=True)
+class HistoryTower:
+    """The user tower's input: sum_k w_k item_embedding[event_k] / sum_k w_k over the last
+    `length` events with a known product, w_k = exp(position[k] + event_type[type_k]),
+    k = 0 for the latest. A user with no such event gets the zero vector."""
+
+    position: np.ndarray  # (length,) log-weights by position from the latest
+    event_type: np.ndarray  # (len(EVENT_TYPES),) log-weights by event type
+
+    @property
+    def length(self) -> int:
+        return len(self.position)
+
+    def pooled(self, events: RecentEvents, item_embeddings: np.ndarray) -> np.ndarray:
+        """(users, dim) float32: the tower input of every user of `events`."""
+        from scipy.sparse import csr_matrix
+
+        k = events.from_end()
+        use = (k < self.length) & (events.items >= 0)
+        rows = events.user_rows()[use]
+        weights = np.exp(self.position[k[use]] + self.event_type[events.types[use]])
+        total = np.bincount(rows, weights, minlength=events.num_users)
+        weights /= total[rows]
+        mix = csr_matrix(
+            (weights.astype(np.float32), (rows, events.items[use])),
+            shape=(events.num_users, len(item_embeddings)),
+        )
+        return np.asarray(mix @ item_embeddings.astype(np.float32, copy=False), np.float32)
+
+
+@dataclass(frozen=True)
+class RepeatTerm:
+    """bonus(u, i) = scale * log(1 + sum_e exp(weights[type_e, gap_e])) + latest[gap of the
+    most recent e], over the user's events e that name product i; gap_e: the GAP_EDGES
+    bucket of the time from e to the user's latest event. Fitted on held-out events; a
+    negative bonus says "not again" (a film rated once, a product in the open basket)."""
+
+    scale: float
+    weights: np.ndarray  # (len(EVENT_TYPES), GAP_BUCKETS)
+    latest: np.ndarray  # (GAP_BUCKETS,)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scale": float(self.scale),
+            "weights": np.asarray(self.weights, float).round(6).tolist(),
+            "latest": np.asarray(self.latest, float).round(6).tolist(),
+            "gap_edges": list(GAP_EDGES),
+            "event_types": list(EVENT_TYPES),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> RepeatTerm:
+        if not isinstance(doc, dict) or list(doc.get("gap_edges", ())) != list(GAP_EDGES):
+            raise ValueError(f"repeat term must be an object with gap_edges {list(GAP_EDGES)}")
+        weights = np.asarray(doc.get("weights"), np.float64)
+        latest = np.asarray(doc.get("latest"), np.float64)
+        scale = doc.get("scale")
+        if weights.shape != (len(EVENT_TYPES), GAP_BUCKETS) or latest.shape != (GAP_BUCKETS,):
+            raise ValueError(
+                f"repeat term weights must be {len(EVENT_TYPES)}x{GAP_BUCKETS} and latest"
+                f" {GAP_BUCKETS} numbers"
+            )
+        if not isinstance(scale, int | float) or isinstance(scale, bool):
+            raise ValueError("repeat term scale must be a number")
+        if not (np.isfinite(weights).all() and np.isfinite(latest).all() and np.isfinite(scale)):
+            raise ValueError("repeat term values must be finite")
+        return cls(float(scale), weights, latest)
+
+    def bonus(self, events: RecentEvents) -> Bonus:
+        """The bonus of every (user, product) pair in `events`."""
+        pairs = EventPairs.build(events)
+        mass = pairs.reduce(np.exp(self.weights[pairs.types, pairs.buckets]))
+        values = self.scale * np.log1p(mass) + self.latest[pairs.latest_bucket()]
+        return Bonus(pairs.indptr(events.num_users), pairs.items(), values.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class EventPairs:
+    """The events of `RecentEvents` grouped by (user, product), most recent first in a group:
+    what the repeat term reads."""
+
+    users: np.ndarray  # per event, sorted by (user, product, gap bucket)
+    item_rows: np.ndarray
+    types: np.ndarray
+    buckets: np.ndarray
+    starts: np.ndarray  # where each (user, product) group begins
+
+    @classmethod
+    def build(cls, events: RecentEvents) -> EventPairs:
+        known = events.items >= 0
+        users = events.user_rows()[known]
+        items = events.items[known].astype(np.int64)
+        buckets = np.searchsorted(np.asarray(GAP_EDGES), events.gaps()[known], side="right")
+        order = np.lexsort((buckets, items, users))
+        users, items, buckets = users[order], items[order], buckets[order]
+        first = np.ones(len(users), bool)
+        first[1:] = (users[1:] != users[:-1]) | (items[1:] != items[:-1])
+        types = events.types[known][order].astype(np.int64)
+        return cls(users, items, types, buckets, np.flatnonzero(first))
+
+    def reduce(self, per_event: np.ndarray) -> np.ndarray:
+        """Sum of a per-event value over each pair's events."""
+        if not len(self.starts):
+            return np.zeros(0, per_event.dtype)
+        return np.add.reduceat(per_event, self.starts)
+
+    def latest_bucket(self) -> np.ndarray:
+        return self.buckets[self.starts]
+
+    def pair_users(self) -> np.ndarray:
+        return self.users[self.starts]
+
+    def items(self) -> np.ndarray:
+        return self.item_rows[self.starts].astype(np.int32)
+
+    def indptr(self, num_users: int) -> np.ndarray:
+        counts = np.bincount(self.pair_users(), minlength=num_users)
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def counts(self) -> np.ndarray:
+        """(pairs, types x gap buckets) event counts, for fitting the repeat term."""
+        code = self.types * GAP_BUCKETS + self.buckets
+        pair = np.repeat(np.arange(len(self.starts)), np.diff(np.r_[self.starts, len(self.users)]))
+        width = len(EVENT_TYPES) * GAP_BUCKETS
+        flat = np.bincount(pair * width + code, minlength=len(self.starts) * width)
+        return flat.reshape(len(self.starts), width).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Bonus:
+    """The repeat term per (user row, product row), CSR with products sorted in each row."""
+
+    indptr: np.ndarray  # int64 (users + 1,)
+    items: np.ndarray  # int32, sorted within a user
+    values: np.ndarray  # float32
+
+    def row(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.indptr[user], self.indptr[user + 1]
+        return self.items[lo:hi], self.values[lo:hi]
+
+    def lookup(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """bonus(users[j], items[j]), 0 where the user never touched the product: a binary
+        search inside each user's run, all pairs at once."""
+        out = np.zeros(len(users), np.float32)
+        if not len(self.items) or not len(users):
+            return out
+        lo, end = self.indptr[users], self.indptr[users + 1]
+        hi = end.copy()
+        for _ in range(int((end - lo).max()).bit_length()):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            less = self.items[np.minimum(mid, len(self.items) - 1)] < items
+            lo = np.where(active & less, mid + 1, lo)
+            hi = np.where(active & ~less, mid, hi)
+        found = lo < end
+        found[found] = self.items[lo[found]] == items[found]
+        out[found] = self.values[lo[found]]
+        return out
+
+    def nbytes(self) -> int:
+        return self.indptr.nbytes + self.items.nbytes + self.values.nbytes
+
+
+@dataclass(frozen=True)
+class HistoryModel:
+    """What reads a user from their events: the tower, the Dense layer after it, the item
+    embeddings it pools, the softmax temperature and the repeat term."""
+
+    tower: HistoryTower
+    item_embeddings: np.ndarray  # (items, dim) float32, before the item tower
+    dense_weight: np.ndarray  # dense_user: (dim, dim)
+    dense_bias: np.ndarray
+    temperature: float
+    repeat: RepeatTerm
+
+    def user_vectors(self, events: RecentEvents) -> np.ndarray:
+        """relu(dense_user(pooled events)) / temperature for every user of `events`."""
+        out = self.tower.pooled(events, self.item_embeddings) @ self.dense_weight.T
+        out += self.dense_bias
+        np.maximum(out, 0.0, out=out)
+        out /= np.float32(self.temperature)
+        return out.astype(np.float32, copy=False)
