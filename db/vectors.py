@@ -2,8 +2,9 @@
 
 `write_vectors(recommender, path)` writes the post-tower user and item vectors, the
 softmax log normalisers (when the model scores probabilities), the fallback scores
-of the chosen policy and two id hash indexes into one flat, versioned, checksummed
-file, which db/udf/recsql_udf.so memory-maps (format: db/udf/vectors.h). The file
+of the chosen policy, two id hash indexes and (history models) the repeat term's bonus
+of each user's products into one flat, versioned, checksummed file, which
+db/udf/recsql_udf.so memory-maps (format: db/udf/vectors.h). The file
 is written next to its final name and renamed into place, so a server that has the
 old file mapped keeps reading it until its statement ends.
 
@@ -23,14 +24,17 @@ import numpy as np
 
 from model import load_model
 from model.errors import DataError
+from model.history import Bonus
 from model.recommender import FALLBACKS, IdIndex, Recommender
 
 MAGIC = b"RECSQLVF"
-VERSION = 1
+VERSION = 2  # 2: the bonus sections; the reader still reads version 1 files
 HEADER_BYTES = 256
 ALIGN = 64
 FALLBACK_CODES = {"null": 0, "constant": 1, "per_item": 2}
 _ENTRY = np.dtype([("id", "<i8"), ("row", "<i8")])
+_BONUS_ENTRY = np.dtype([("row", "<i4"), ("value", "<f4")])
+FLAG_PROBABILITIES, FLAG_BONUS = 1, 2
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
@@ -44,6 +48,7 @@ class VectorsInfo:
     probabilities: bool
     fallback: str
     crc32: int
+    bonus_pairs: int = 0
 
 
 def mix64(ids: np.ndarray) -> np.ndarray:
@@ -101,6 +106,30 @@ def _fallback(rec: Recommender, policy: str) -> tuple[str, float, np.ndarray | N
     return "per_item", float(np.float32(rec.global_mean)), per_item
 
 
+def _bonus_sections(bonus: Bonus, num_users: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets u64[users + 1], entries {row, value}[pairs]): the bonus as the file stores
+    it, after checking what vectors.c relies on to find an entry with one binary search."""
+    offsets = np.asarray(bonus.indptr)
+    rows, values = np.asarray(bonus.items), np.asarray(bonus.values)
+    if offsets.shape != (num_users + 1,) or rows.shape != values.shape or rows.ndim != 1:
+        raise DataError(
+            f"bonus must have {num_users + 1} offsets (one per user row, and the end) and as "
+            f"many product rows as values; got {offsets.shape}, {rows.shape}, {values.shape}"
+        )
+    if offsets[0] != 0 or offsets[-1] != len(rows) or (np.diff(offsets) < 0).any():
+        raise DataError("bonus offsets must rise from 0 to the number of entries")
+    if len(rows) and (rows.min() < 0 or rows.max() >= num_items):
+        raise DataError(f"bonus product rows must lie in 0..{num_items - 1}")
+    ascending = np.diff(rows.astype(np.int64)) > 0
+    starts = offsets[1:-1]
+    ascending[starts[(starts > 0) & (starts < len(rows))] - 1] = True  # a new user's run
+    if not ascending.all():
+        raise DataError("bonus product rows must be sorted and distinct within each user")
+    entries = np.empty(len(rows), _BONUS_ENTRY)
+    entries["row"], entries["value"] = rows, values
+    return offsets.astype("<u8"), entries
+
+
 def write_vectors(rec: Recommender, path: str | Path, fallback: str = "null") -> VectorsInfo:
     """Write `rec` as a vectors file at `path` (atomically: a temporary file, then rename)."""
     users = np.ascontiguousarray(rec.user_vectors, "<f4")
@@ -114,6 +143,9 @@ def write_vectors(rec: Recommender, path: str | Path, fallback: str = "null") ->
     user_slots, user_probe = hash_slots(rec.users)
     item_slots, item_probe = hash_slots(rec.items)
     empty = np.empty(0, np.uint8)
+    bonus = None
+    if rec.bonus is not None:
+        bonus = _bonus_sections(rec.bonus, len(users), len(items))
     sections = [
         users,
         items,
@@ -121,17 +153,23 @@ def write_vectors(rec: Recommender, path: str | Path, fallback: str = "null") ->
         per_item if per_item is not None else empty,
         user_slots,
         item_slots,
+        *(bonus if bonus is not None else (empty, empty)),
     ]
+    flags = FLAG_PROBABILITIES if lognorm is not None else 0
+    pairs = 0
+    if bonus is not None:
+        flags |= FLAG_BONUS
+        pairs = len(bonus[1])
     table, offset = [], HEADER_BYTES
     for array in sections:
         table.append((offset, array.nbytes))
         offset = -(-(offset + array.nbytes) // ALIGN) * ALIGN
     size = table[-1][0] + table[-1][1]
     head = struct.pack(
-        "<QIIQQQQQQIfII32x",
+        "<QIIQQQQQQIfIIQ24x",
         size,
         users.shape[1],
-        1 if lognorm is not None else 0,
+        flags,
         len(users),
         len(items),
         len(rec.users),
@@ -142,6 +180,7 @@ def write_vectors(rec: Recommender, path: str | Path, fallback: str = "null") ->
         fallback_score,
         user_probe,
         item_probe,
+        pairs,
     )
     head += b"".join(struct.pack("<QQ", off, length) for off, length in table)
     head += bytes(HEADER_BYTES - 16 - len(head))
@@ -178,6 +217,7 @@ def write_vectors(rec: Recommender, path: str | Path, fallback: str = "null") ->
         lognorm is not None,
         fallback,
         crc,
+        pairs,
     )
 
 

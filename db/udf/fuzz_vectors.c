@@ -3,8 +3,8 @@
  * AddressSanitizer by `make fuzz_vectors`; tests run it in a subprocess.
  *
  *   fuzz_vectors FILE...   open each file; print "ERR <reason>" or, after scoring
- *                          every slot's id against a few others and some random
- *                          ids, "OK <scored pairs>". A crash or a sanitizer
+ *                          every slot's id against 8 of the other side's and some
+ *                          random ids, "OK <scored pairs>". A crash or a sanitizer
  *                          report is the bug the fuzz test looks for.
  *   fuzz_vectors --score FILE < pairs   "user item" per line -> the score
  *                          (%.9g), NULL, or ERR <reason>, one line each.
@@ -24,6 +24,8 @@ static int64_t next_random(void)
     return (int64_t)seed;
 }
 
+/* Each slot's id against the ids of 8 slots of the other side, so that a small model's
+ * bonus runs are searched for products they hold and products they lack; then random ids. */
 static long probe(const recsql_vectors *v)
 {
     char err[RECSQL_VECTORS_ERR];
@@ -31,11 +33,15 @@ static long probe(const recsql_vectors *v)
     long scored = 0;
     const recsql_id_index *x[2] = {&v->users, &v->items};
     for (int side = 0; side < 2; side++)
-        for (uint64_t k = 0; k < x[side]->num_slots && k < 8192; k++) {
-            int64_t id = x[side]->slots[2 * k], other = x[!side]->slots[0];
-            int rc = side ? recsql_vectors_score(v, other, id, &s, err) : recsql_vectors_score(v, id, other, &s, err);
-            scored += rc >= 0;
-        }
+        for (uint64_t k = 0; k < x[side]->num_slots && k < 8192; k++)
+            for (uint64_t j = 0; j < 8; j++) {
+                const recsql_id_index *o = x[!side];
+                int64_t id = x[side]->slots[2 * k];
+                int64_t other = o->slots[2 * ((8 * k + j) & (o->num_slots - 1))];
+                int rc = side ? recsql_vectors_score(v, other, id, &s, err)
+                              : recsql_vectors_score(v, id, other, &s, err);
+                scored += rc >= 0;
+            }
     for (int k = 0; k < 256; k++)
         scored += recsql_vectors_score(v, next_random() % 1000, next_random(), &s, err) >= 0;
     return scored;

@@ -27,10 +27,16 @@ extern unsigned long crc32(unsigned long crc, const unsigned char *buf, unsigned
 #define ALIGN 64
 #define CRC_CHUNK (1 << 20)
 
-enum { S_USERS, S_ITEMS, S_LOGNORM, S_FALLBACK, S_USLOTS, S_ISLOTS, N_SECTIONS };
-static const char *const section_names[N_SECTIONS] = {
-    "user vectors", "item vectors", "user normalizers", "item fallbacks", "user slots", "item slots",
+enum {
+    S_USERS, S_ITEMS, S_LOGNORM, S_FALLBACK, S_USLOTS, S_ISLOTS, S_BONUS_OFFSETS, S_BONUS, N_SECTIONS
 };
+static const char *const section_names[N_SECTIONS] = {
+    "user vectors", "item vectors", "user normalizers", "item fallbacks",
+    "user slots",   "item slots",   "bonus offsets",    "bonus entries",
+};
+#define V1_SECTIONS S_BONUS_OFFSETS /* version 1 files have the first six */
+#define F_PROBABILITIES 1u
+#define F_BONUS 2u
 
 static uint32_t u32_at(const unsigned char *p, size_t off)
 {
@@ -89,8 +95,8 @@ static int parse(recsql_vectors *v, const unsigned char *p, size_t size, char *e
     uint32_t version = u32_at(p, 8);
     if (memcmp(p, "RECSQLVF", 8) != 0)
         return fail(err, "not a recsql vectors file (bad magic)");
-    if (version != RECSQL_VECTORS_VERSION)
-        return fail(err, "vectors file version %u; this function reads version %d", version,
+    if (version < 1 || version > RECSQL_VECTORS_VERSION)
+        return fail(err, "vectors file version %u; this function reads versions 1 to %d", version,
                     RECSQL_VECTORS_VERSION);
     uint64_t declared = u64_at(p, 16);
     if (declared != size)
@@ -99,15 +105,18 @@ static int parse(recsql_vectors *v, const unsigned char *p, size_t size, char *e
     uint32_t dim = u32_at(p, 24), flags = u32_at(p, 28), fallback = u32_at(p, 80);
     uint64_t nu = u64_at(p, 32), ni = u64_at(p, 40), nuid = u64_at(p, 48), niid = u64_at(p, 56);
     uint64_t us = u64_at(p, 64), is = u64_at(p, 72);
+    uint64_t nb = version >= 2 ? u64_at(p, 96) : 0;
     uint32_t up = u32_at(p, 88), ip = u32_at(p, 92);
     if (dim < 1 || dim > MAX_DIM)
         return fail(err, "vectors file: dim %u outside 1..%d", dim, MAX_DIM);
-    if (flags & ~1u)
+    if (flags & ~(version >= 2 ? F_PROBABILITIES | F_BONUS : F_PROBABILITIES))
         return fail(err, "vectors file: unknown flags 0x%x", flags);
+    if (nb && !(flags & F_BONUS))
+        return fail(err, "vectors file: bonus entries without the bonus flag");
     if (fallback > 2)
         return fail(err, "vectors file: unknown fallback policy %u", fallback);
     if (nu > MAX_COUNT || ni > MAX_COUNT || nuid > MAX_COUNT || niid > MAX_COUNT || us > MAX_COUNT ||
-        is > MAX_COUNT)
+        is > MAX_COUNT || nb > MAX_COUNT)
         return fail(err, "vectors file: a count exceeds 2^40");
     if (!us || !is || (us & (us - 1)) || (is & (is - 1)) || nuid > us || niid > is)
         return fail(err, "vectors file: slot counts must be powers of two, at least the ids");
@@ -117,12 +126,14 @@ static int parse(recsql_vectors *v, const unsigned char *p, size_t size, char *e
     if (!mul_ok(dim, 4, &row_bytes) || !mul_ok(nu, row_bytes, &expect[S_USERS]) ||
         !mul_ok(ni, row_bytes, &expect[S_ITEMS]))
         return fail(err, "vectors file: sizes overflow");
-    expect[S_LOGNORM] = (flags & 1) ? nu * 4 : 0;
+    expect[S_LOGNORM] = (flags & F_PROBABILITIES) ? nu * 4 : 0;
     expect[S_FALLBACK] = fallback == 2 ? ni * 4 : 0;
     expect[S_USLOTS] = us * 16;
     expect[S_ISLOTS] = is * 16;
-    const void *at[N_SECTIONS];
-    for (int s = 0; s < N_SECTIONS; s++) {
+    expect[S_BONUS_OFFSETS] = (flags & F_BONUS) ? (nu + 1) * 8 : 0;
+    expect[S_BONUS] = nb * sizeof(recsql_bonus_entry);
+    const void *at[N_SECTIONS] = {0};
+    for (int s = 0; s < (version >= 2 ? N_SECTIONS : V1_SECTIONS); s++) {
         uint64_t off = u64_at(p, 128 + 16 * s), len = u64_at(p, 136 + 16 * s);
         if (len != expect[s])
             return fail(err, "vectors file: %s section is %llu bytes, expected %llu", section_names[s],
@@ -136,18 +147,40 @@ static int parse(recsql_vectors *v, const unsigned char *p, size_t size, char *e
     *v = (recsql_vectors){
         .base = p,
         .size = size,
+        .version = version,
         .dim = dim,
         .fallback = fallback,
         .crc = u32_at(p, 12),
-        .probabilities = flags & 1,
+        .probabilities = flags & F_PROBABILITIES,
         .fallback_score = fallback_score,
         .user_vectors = at[S_USERS],
         .item_vectors = at[S_ITEMS],
-        .user_log_normalizer = (flags & 1) ? at[S_LOGNORM] : NULL,
+        .user_log_normalizer = (flags & F_PROBABILITIES) ? at[S_LOGNORM] : NULL,
         .item_fallback = fallback == 2 ? at[S_FALLBACK] : NULL,
         .users = {at[S_USLOTS], us, nuid, nu, up},
         .items = {at[S_ISLOTS], is, niid, ni, ip},
+        .bonus_offsets = (flags & F_BONUS) ? at[S_BONUS_OFFSETS] : NULL,
+        .bonus = (flags & F_BONUS) ? at[S_BONUS] : NULL,
+        .num_bonus = nb,
     };
+    return 0;
+}
+
+/* Each user's run of bonus entries must lie in the entries, in order: then scoring reads
+ * offsets[u] and offsets[u + 1] without a check. Run once the checksum has matched. */
+static int check_bonus_offsets(const recsql_vectors *v, char *err)
+{
+    const uint64_t *offsets = v->bonus_offsets;
+    if (!offsets)
+        return 0;
+    uint64_t n = v->users.num_rows;
+    if (offsets[0] != 0 || offsets[n] != v->num_bonus)
+        return fail(err, "vectors file: bonus offsets do not span the %llu entries",
+                    (unsigned long long)v->num_bonus);
+    for (uint64_t u = 0; u < n; u++)
+        if (offsets[u + 1] < offsets[u])
+            return fail(err, "vectors file: bonus offsets decrease at user row %llu",
+                        (unsigned long long)u);
     return 0;
 }
 
@@ -195,6 +228,8 @@ int recsql_vectors_open(const char *path, unsigned long long max_bytes, recsql_v
         fail(err, "vectors file checksum mismatch (corrupt or partly written)");
         goto out;
     }
+    if (check_bonus_offsets(out, err))
+        goto out;
     /* lookups jump around: read-ahead would only evict useful pages */
     madvise(map, size, MADV_RANDOM);
     out->dev = st.st_dev;
@@ -247,6 +282,34 @@ static inline void prefetch_row(const float *row, uint32_t dim)
         __builtin_prefetch(row + k);
 }
 
+/* The lines of a user's bonus run (the first 8: 64 entries) load at once, while the dot
+ * product runs, so the binary search that follows does not wait for one line after another
+ * (in the server each row runs alone: nothing else hides those misses). */
+static inline void prefetch_run(const recsql_bonus_entry *first, const recsql_bonus_entry *end)
+{
+    const char *line = (const char *)((uintptr_t)first & ~(uintptr_t)63);
+    for (int k = 0; k < 8 && line < (const char *)end; k++, line += 64)
+        __builtin_prefetch(line);
+}
+
+/* bonus(u, i): a binary search in user row u's run, sorted by item row; 0 when absent.
+ * check_bonus_offsets has made [offsets[u], offsets[u + 1]) lie inside the entries. */
+static inline float bonus_of(const recsql_bonus_entry *entries, uint64_t lo, uint64_t hi,
+                             int64_t item)
+{
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        int64_t row = entries[mid].row;
+        if (row == item)
+            return entries[mid].value;
+        if (row < item)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return 0.0f;
+}
+
 /* sum a[k] * b[k] in double over 4 independent lanes: no serial chain of adds */
 static inline double dot(const float *a, const float *b, uint32_t dim)
 {
@@ -283,8 +346,15 @@ int recsql_vectors_score(const recsql_vectors *v, int64_t user_id, int64_t item_
         prefetch_row(b, v->dim);
         if (v->probabilities)
             __builtin_prefetch(v->user_log_normalizer + u);
+        uint64_t run = 0, run_end = 0; /* user u's bonus entries */
+        if (v->bonus_offsets) {
+            run = v->bonus_offsets[u], run_end = v->bonus_offsets[u + 1];
+            prefetch_run(v->bonus + run, v->bonus + run_end);
+        }
         /* accumulated in double, rounded once: within an ulp or two of numpy's float32 */
         value = (float)dot(a, b, v->dim);
+        if (run < run_end) /* a float addition, as Recommender.score_rows adds it */
+            value += bonus_of(v->bonus, run, run_end, i);
         if (v->probabilities) { /* as Recommender._to_probability: exp(min(logit - log Z, 0)) */
             float logit = value - v->user_log_normalizer[u];
             value = (float)exp((double)(logit > 0.0f ? 0.0f : logit)); /* NaN stays NaN */

@@ -2,19 +2,23 @@
 
 Against the real server (RECSQL_TEST_MYSQL_URL) and, for parity, the real
 `recsql serve` endpoint on loopback: the same artifact must give the same scores
-through both paths, including unknown ids, NULLs and the fallback policies.
+through both paths, including unknown ids, NULLs and the fallback policies, and
+for history models, whose repeat bonus the file carries too.
 Allow-list names here start with `rvec-` so that concurrent test runs on a
 shared server do not collide with other tests' entries.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import struct
 import tempfile
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from db.mysql_udf import (
 )
 from db.vectors import write_vectors
 from model import load_model, save_mfblock
+from model.history import Bonus
 from model.recommender import Recommender, relu_tower
 from serve.models import Options, RecommenderModel
 from serve.records import CsvTable, Payload
@@ -67,6 +72,35 @@ def make_model(path: Path, seed: int, softmax: bool) -> Path:
     )
     score = {"kind": "probability", "temperature": temperature}
     return save_mfblock(path, weights, USERS, ITEMS, global_mean=0.25, score=score)
+
+
+def with_bonus(rec: Recommender, seed: int) -> Recommender:
+    """`rec` as a history model scores: 0 to 12 products per user row get a repeat bonus
+    on their logit (every 7th user none), and a probability model's log normaliser is
+    recomputed over dot + bonus so that each user's probabilities still sum to 1."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 13, len(USERS))
+    counts[::7] = 0
+    rows = [np.sort(rng.choice(len(ITEMS), c, replace=False)) for c in counts]
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    bonus = Bonus(
+        indptr,
+        np.concatenate(rows).astype(np.int32),
+        rng.normal(0.5, 2.0, int(counts.sum())).astype(np.float32),
+    )
+    normalizer = None
+    if rec.probabilities:
+        logits = (rec.user_vectors @ rec.item_vectors.T).astype(np.float64)
+        np.add.at(logits, (np.repeat(np.arange(len(USERS)), counts), bonus.items), bonus.values)
+        top = logits.max(1, keepdims=True)
+        normalizer = (top[:, 0] + np.log(np.exp(logits - top).sum(1))).astype(np.float32)
+    return dataclasses.replace(rec, bonus=bonus, user_log_normalizer=normalizer)
+
+
+def bonus_pairs(rec: Recommender) -> tuple[np.ndarray, np.ndarray]:
+    """Every (user id, product id) pair the model's bonus names."""
+    counts = np.diff(rec.bonus.indptr)
+    return np.repeat(USERS, counts), ITEMS[rec.bonus.items]
 
 
 def endpoint_scores(rec: Recommender, users: np.ndarray, items: np.ndarray, fallback: str):
@@ -187,6 +221,61 @@ def test_scores_equal_the_endpoint(mysql_conn, entry, models, kind, fallback) ->
     assert np.isnan(got).sum() == (405 if fallback == "null" else 0)  # see sample_pairs
     if kind == "softmax":
         assert np.nanmax(got) <= 1.0 and np.nanmin(got) >= 0.0
+
+
+@pytest.mark.parametrize("kind", ["softmax", "mse"])
+@pytest.mark.parametrize("fallback", ["null", "mean", "popularity"])
+def test_history_model_scores_equal_the_endpoint(mysql_conn, entry, models, kind, fallback) -> None:
+    """dot + bonus, then the probability: every pair the bonus names, random pairs (mostly
+    without one) and unknown users and products, as the endpoint scores them."""
+    rec = with_bonus(load_model(models[kind]), seed=11)
+    name, _ = entry(rec, fallback)
+    named_users, named_items = bonus_pairs(rec)
+    users, items = sample_pairs(2000)
+    users, items = np.concatenate([named_users, users]), np.concatenate([named_items, items])
+    got = in_server(mysql_conn, name, users, items)
+    want = endpoint_scores(rec, users, items, fallback).astype(np.float64)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    # relative error within 1e-5; raw dot products near 0 within a float32 ulp of their terms
+    atol = 1e-12 if rec.probabilities else 1e-6
+    assert np.allclose(got[ok], want[ok], rtol=1e-5, atol=atol)
+    assert np.isnan(got).sum() == (405 if fallback == "null" else 0)  # see sample_pairs
+    # the bonus decides those scores: without it, each named pair would score otherwise
+    plain = endpoint_scores(dataclasses.replace(rec, bonus=None), users, items, fallback)
+    named = np.arange(len(users)) < len(named_users)
+    assert named.sum() > 1000 and (~named & ok).sum() > 1500
+    assert np.all(np.abs(got[named] - plain[named]) > 1e-5 * np.abs(plain[named]))
+    if kind == "softmax":
+        assert np.nanmax(got) <= 1.0 and np.nanmin(got) >= 0.0
+
+
+def _as_version_1(data: bytes) -> bytes:
+    """A file without a bonus as recsql wrote it before the bonus: version 1, six sections
+    (the last one ending the file), header bytes 96..128 and 224..256 zero."""
+    offset, length = struct.unpack_from("<QQ", data, 128 + 16 * 5)
+    out = bytearray(data[: offset + length])
+    struct.pack_into("<I", out, 8, 1)
+    struct.pack_into("<Q", out, 16, len(out))
+    out[96:128], out[224:256] = bytes(32), bytes(32)
+    struct.pack_into("<I", out, 12, zlib.crc32(bytes(out[16:])))
+    return bytes(out)
+
+
+def test_a_version_1_file_still_scores(mysql_conn, entry, models) -> None:
+    """Files an older recsql wrote (version 1: no bonus) score as before."""
+    rec = load_model(models["softmax"])
+    name, path = entry(rec, "popularity")
+    users, items = sample_pairs(300, seed=4)
+    now = in_server(mysql_conn, name, users, items)
+    old = path.with_suffix(".tmp")
+    old.write_bytes(_as_version_1(path.read_bytes()))
+    old.chmod(0o644)
+    os.replace(old, path)
+    assert struct.unpack_from("<I", path.read_bytes(), 8) == (1,)
+    rows = query(mysql_conn, "SELECT recsql_invoke(%s, 1, 2), recsql_last_error()", (name,))
+    assert rows[0][1] is None, rows
+    assert np.array_equal(in_server(mysql_conn, name, users, items), now, equal_nan=True)
 
 
 def test_in_server_equals_the_http_path(mysql_url, mysql_conn, entry, models, tmp_path) -> None:
@@ -330,9 +419,9 @@ def test_bad_files_give_null_and_a_reason(mysql_conn, entry, models) -> None:
     replace(bytes(flipped))
     _fails_with(mysql_conn, name, "checksum mismatch")
     versioned = bytearray(good)
-    versioned[8] = 2
+    versioned[8] = 3
     replace(bytes(versioned))
-    _fails_with(mysql_conn, name, "version 2")
+    _fails_with(mysql_conn, name, "version 3")
     replace(b"GIF89a" + good[6:])
     _fails_with(mysql_conn, name, "bad magic")
     replace(good, 0o666)
