@@ -63,7 +63,12 @@ def random_history_model(
     kinds = rng.choice(4, n, p=[0.95, 0.03, 0.015, 0.005]).astype(np.uint8)
     start = np.repeat(1_570_000_000 + rng.integers(0, 5_000_000, users), counts)
     times = start + (np.arange(n) - np.repeat(indptr[:-1], counts)) * 3600
-    repeat = RepeatTerm(0.8, rng.normal(0, 0.3, (4, GAP_BUCKETS)), rng.normal(0, 0.5, GAP_BUCKETS))
+    repeat = RepeatTerm(
+        0.8,
+        rng.normal(0, 0.3, (4, GAP_BUCKETS)),
+        rng.normal(0, 0.5, GAP_BUCKETS),
+        rng.normal(0, 0.5, 5),
+    )
     weights = {
         "item_embeddings.weight": rng.normal(0, 0.5, (items, emb)),
         "dense_user.weight": rng.normal(0, 0.5, (emb, emb)),

@@ -10,7 +10,15 @@ Prints a markdown section. Rows, all on the same prepared data and epochs:
   - recsql BPR (ranking objective), and the popularity baseline's HR/NDCG;
   - on CUDA, the default step at batch 1024 and at --gpu-batch (else "no CUDA device").
 samples/s counts the training loop only (evaluation excluded): the median over
-epochs x runs. Test MSE is on each user's held-out last event.
+epochs x runs. Test MSE is on each user's held-out last event; beside it, "what the data
+allows": the held-out event's weight predicted from the user's own earlier events with that
+product (none, or the type of the latest one and whether it was in the same session), each
+case's mean weight over the training events. The seed's set-up cannot see those events (it
+drops a user's earlier events of their test product), so it can only tie with the mean.
+
+`--default-times` adds the wall time of `recsql train` with its defaults (validation, early
+stopping, artifact) on MovieLens latest-small, Complete Journey and 20M synthetic events
+(issue K's goals: <= 60 s, <= 5 min, <= 15 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ def main() -> int:
     p.add_argument("--gpu-batch", type=int, default=65536)
     p.add_argument("--cache", type=Path, help="prepared-data folder to reuse between runs")
     p.add_argument("--quick", action="store_true", help="200k events, 1 run (smoke test)")
+    p.add_argument(
+        "--default-times", action="store_true", help="also time `recsql train` defaults (~20 min)"
+    )
     args = p.parse_args()
     if args.quick:
         args.events, args.runs = min(args.events, 200_000), 1
@@ -104,10 +115,88 @@ def main() -> int:
             flush=True,
         )
     print(
-        f"| popularity baseline | - | - | - | {popularity['hr']:.4f} | {popularity['ndcg']:.4f} |\n"
+        f"| popularity baseline | - | - | - | {popularity['hr']:.4f} | {popularity['ndcg']:.4f} |"
     )
+    allowed, mean = order_aware_mse(data)
+    print(f"| what the data allows (the user's earlier events of the product) | - | {allowed:.4f}"
+          f" | {mean:.4f} | - | - |\n")  # fmt: skip
     gpu_section(base, data, args)
+    if args.default_times:
+        default_times()
     return 0
+
+
+def order_aware_mse(data: PreparedEvents) -> tuple[float, float]:
+    """(MSE, mean predictor's MSE) of the held-out weights predicted by the mean weight of the
+    training events whose user's latest earlier event with the same product had the same type
+    and session (gap < 30 min) status, or who had none."""
+    import numpy as np
+
+    train_times, test_times = data.times()
+    users = np.concatenate([data.train_users, data.test_users]).astype(np.int64)
+    items = np.concatenate([data.train_items, data.test_items]).astype(np.int64)
+    labels = np.concatenate([data.train_labels, data.test_labels]).astype(np.float64)
+    times = np.concatenate([train_times, test_times])
+    test = np.r_[np.zeros(len(data.train_users), bool), np.ones(len(data.test_users), bool)]
+    order = np.lexsort((times, items, users))  # each (user, product)'s events in time order
+    u, i, y, t = users[order], items[order], labels[order], times[order]
+    same = np.r_[False, (u[1:] == u[:-1]) & (i[1:] == i[:-1])]
+    before = np.r_[0.0, y[:-1]]  # the previous event's weight (a stand-in for its type)
+    session = np.r_[False, np.diff(t) < 1800]
+    case = np.where(same, before * 2 + session, -1.0)
+    is_test = test[order]
+    cases, inverse = np.unique(case, return_inverse=True)
+    train_mean = np.bincount(inverse[~is_test], y[~is_test], len(cases)) / np.maximum(
+        np.bincount(inverse[~is_test], minlength=len(cases)), 1
+    )
+    predicted = train_mean[inverse[is_test]]
+    mean = float(y[~is_test].mean())
+    return float(np.mean((predicted - y[is_test]) ** 2)), float(np.mean((mean - y[is_test]) ** 2))
+
+
+def default_times() -> None:
+    """Wall time of `recsql train` defaults on the three sets of issue K, one run each."""
+    import json
+    import subprocess
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_quality import completejourney, movielens
+
+    print("| default `recsql train` (softmax, history) | events | wall s | HR@10 / NDCG@10 |")
+    print("|---|---:|---:|---|")
+    with tempfile.TemporaryDirectory(prefix="bench-time-") as tmp:
+        sets = []
+        for name, load in (
+            ("MovieLens latest-small", movielens),
+            ("Complete Journey", completejourney),
+        ):
+            ev = load()
+            folder = Path(tmp) / name.split()[0]
+            PreparedEvents.from_events(ev.users, ev.items, ev.weights(), times=ev.times).save(
+                folder
+            )
+            sets.append((name, folder, len(ev.users)))
+        csv = Path(tmp) / "s20m.csv"
+        write_synthetic(csv, SynthConfig(rows=20_000_000, seed=7), progress=False)
+        sets.append(
+            ("recsql synth, 20M rows (prepared first: not timed)", Path(tmp) / "s20m", 20_000_000)
+        )
+        prepare_events([csv], progress=False).save(sets[-1][1])
+        csv.unlink()
+        for name, folder, events in sets:
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "recsql_cli", "train", str(folder), "--model-dir",
+                 str(folder / "model"), "--no-progress"],
+                check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1],
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            final = json.loads((folder / "model" / "metrics.json").read_text())["final"]
+            print(
+                f"| {name} | {events:,} | {seconds:.0f} | {final['hr']:.4f} / {final['ndcg']:.4f} |"
+            )
+    print()
 
 
 def gpu_section(base: TrainConfig, data: PreparedEvents, args: argparse.Namespace) -> None:

@@ -49,7 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _recsql import random_mfblock, serving  # noqa: E402
+from _recsql import random_history_model, random_mfblock, serving  # noqa: E402
 
 from db.functions import WILL_PURCHASE  # noqa: E402
 from db.load import mysql_connect  # noqa: E402
@@ -197,7 +197,7 @@ def in_server(args: argparse.Namespace) -> list[str]:
     url = f"{base}/{database}"
     tmp = Path(tempfile.mkdtemp(prefix="recsql-bench-"))
     tmp.chmod(0o755)  # the server's user reads the vectors file
-    names = ["bench-vec", "bench-small", "bench-http"]
+    names = ["bench-vec", "bench-small", "bench-http", "bench-hist"]
     allow_list = None
     out = [
         f"## In-server scoring on MariaDB (bench_udf.py --in-server, {rows:,} pairs)\n",
@@ -229,7 +229,20 @@ def in_server(args: argparse.Namespace) -> list[str]:
         small_dir = random_mfblock(tmp / "small", np.arange(500), np.arange(200), 8)
         small = export_vectors(small_dir, tmp / "small.vectors")
         small_fn = replace(WILL_PURCHASE, name="will_purchase_small", endpoint="bench-small")
-        entries = {"bench-vec": Vectors(info.path), "bench-small": Vectors(small.path)}
+        # a history model of the same size: user vectors from events, and the repeat term's
+        # bonus on each user's products (last 200 events, ~30 a user, heavy-tailed)
+        history_dir = random_history_model(tmp / "history", np.arange(users), np.arange(items))
+        history = export_vectors(history_dir, tmp / "history.vectors")
+        out.insert(
+            3,
+            f"History model: {history.bytes / 1e6:,.0f} MB, {history.bonus_pairs:,} (user, product)"
+            f" pairs with a repeat bonus ({history.bonus_pairs / users:.1f} a user).\n",
+        )
+        entries = {
+            "bench-vec": Vectors(info.path),
+            "bench-small": Vectors(small.path),
+            "bench-hist": Vectors(history.path),
+        }
         allow_list = install_udf(admin, entries, [fn, small_fn], so_path=build_udf())
         create_functions(admin, [fn, small_fn], strict=True)
         with admin.cursor() as cur:
@@ -247,6 +260,11 @@ def in_server(args: argparse.Namespace) -> list[str]:
         cases = [
             ("no function (scan + SUM)", "SUM(u + p)", rows),
             ("in-server, direct", "SUM(recsql_invoke('bench-vec', u, p))", rows),
+            (
+                "in-server, direct, history model (the default now)",
+                "SUM(recsql_invoke('bench-hist', u, p))",
+                rows,
+            ),
             ("in-server, wrapper", "SUM(will_purchase(u, p))", rows),
             ("trivial wrapper (ceiling)", "SUM(bench_trivial(u, p))", rows),
             ("trivial wrapper + a no-op loadable function", "SUM(bench_trivial_udf(u, p))", rows),

@@ -26,6 +26,9 @@ TYPE_CODES = {name: code for code, name in enumerate(EVENT_TYPES)}
 # seconds before the user's latest event: same session (30 min), day, week, month, quarter, older
 GAP_EDGES = (1800, 86400, 7 * 86400, 30 * 86400, 90 * 86400)
 GAP_BUCKETS = len(GAP_EDGES) + 1
+# events back from the user's latest: the latest, the one before, 2-4, 5-19, older
+POSITION_EDGES = (1, 2, 5, 20)
+POSITION_BUCKETS = len(POSITION_EDGES) + 1
 
 
 @dataclass(frozen=True)
@@ -134,46 +137,65 @@ class HistoryTower:
 @dataclass(frozen=True)
 class RepeatTerm:
     """bonus(u, i) = scale * log(1 + sum_e exp(weights[type_e, gap_e])) + latest[gap of the
-    most recent e], over the user's events e that name product i; gap_e: the GAP_EDGES
-    bucket of the time from e to the user's latest event. Fitted on held-out events; a
-    negative bonus says "not again" (a film rated once, a product in the open basket)."""
+    most recent e] + recent[position of the most recent e], over the user's events e that
+    name product i; gap_e: the GAP_EDGES bucket of the time from e to the user's latest
+    event; position: the POSITION_EDGES bucket of how many events back it is. Fitted on
+    held-out events; a negative bonus says "not again" (a film rated once, a product in the
+    open basket)."""
 
     scale: float
     weights: np.ndarray  # (len(EVENT_TYPES), GAP_BUCKETS)
     latest: np.ndarray  # (GAP_BUCKETS,)
+    recent: np.ndarray  # (POSITION_BUCKETS,)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "scale": float(self.scale),
             "weights": np.asarray(self.weights, float).round(6).tolist(),
             "latest": np.asarray(self.latest, float).round(6).tolist(),
+            "recent": np.asarray(self.recent, float).round(6).tolist(),
             "gap_edges": list(GAP_EDGES),
+            "position_edges": list(POSITION_EDGES),
             "event_types": list(EVENT_TYPES),
         }
 
     @classmethod
     def from_json(cls, doc: Any) -> RepeatTerm:
-        if not isinstance(doc, dict) or list(doc.get("gap_edges", ())) != list(GAP_EDGES):
-            raise ValueError(f"repeat term must be an object with gap_edges {list(GAP_EDGES)}")
+        if (
+            not isinstance(doc, dict)
+            or list(doc.get("gap_edges", ())) != list(GAP_EDGES)
+            or list(doc.get("position_edges", ())) != list(POSITION_EDGES)
+        ):
+            raise ValueError(
+                f"repeat term must be an object with gap_edges {list(GAP_EDGES)} and"
+                f" position_edges {list(POSITION_EDGES)}"
+            )
         weights = np.asarray(doc.get("weights"), np.float64)
         latest = np.asarray(doc.get("latest"), np.float64)
+        recent = np.asarray(doc.get("recent"), np.float64)
         scale = doc.get("scale")
-        if weights.shape != (len(EVENT_TYPES), GAP_BUCKETS) or latest.shape != (GAP_BUCKETS,):
+        if (
+            weights.shape != (len(EVENT_TYPES), GAP_BUCKETS)
+            or latest.shape != (GAP_BUCKETS,)
+            or recent.shape != (POSITION_BUCKETS,)
+        ):
             raise ValueError(
-                f"repeat term weights must be {len(EVENT_TYPES)}x{GAP_BUCKETS} and latest"
-                f" {GAP_BUCKETS} numbers"
+                f"repeat term weights must be {len(EVENT_TYPES)}x{GAP_BUCKETS}, latest"
+                f" {GAP_BUCKETS} and recent {POSITION_BUCKETS} numbers"
             )
         if not isinstance(scale, int | float) or isinstance(scale, bool):
             raise ValueError("repeat term scale must be a number")
-        if not (np.isfinite(weights).all() and np.isfinite(latest).all() and np.isfinite(scale)):
+        finite = np.isfinite(weights).all() and np.isfinite(latest).all()
+        if not (finite and np.isfinite(recent).all() and np.isfinite(scale)):
             raise ValueError("repeat term values must be finite")
-        return cls(float(scale), weights, latest)
+        return cls(float(scale), weights, latest, recent)
 
     def bonus(self, events: RecentEvents) -> Bonus:
         """The bonus of every (user, product) pair in `events`."""
         pairs = EventPairs.build(events)
         mass = pairs.reduce(np.exp(self.weights[pairs.types, pairs.buckets]))
         values = self.scale * np.log1p(mass) + self.latest[pairs.latest_bucket()]
+        values += self.recent[pairs.latest_position()]
         return Bonus(pairs.indptr(events.num_users), pairs.items(), values.astype(np.float32))
 
 
@@ -182,10 +204,11 @@ class EventPairs:
     """The events of `RecentEvents` grouped by (user, product), most recent first in a group:
     what the repeat term reads."""
 
-    users: np.ndarray  # per event, sorted by (user, product, gap bucket)
+    users: np.ndarray  # per event, sorted by (user, product, most recent first)
     item_rows: np.ndarray
     types: np.ndarray
-    buckets: np.ndarray
+    buckets: np.ndarray  # gap buckets
+    positions: np.ndarray  # events back from the user's latest
     starts: np.ndarray  # where each (user, product) group begins
 
     @classmethod
@@ -193,13 +216,15 @@ class EventPairs:
         known = events.items >= 0
         users = events.user_rows()[known]
         items = events.items[known].astype(np.int64)
-        buckets = np.searchsorted(np.asarray(GAP_EDGES), events.gaps()[known], side="right")
-        order = np.lexsort((buckets, items, users))
-        users, items, buckets = users[order], items[order], buckets[order]
+        positions = events.from_end()[known]
+        order = np.lexsort((positions, items, users))
+        users, items, positions = users[order], items[order], positions[order]
+        gaps = events.gaps()[known][order]
+        buckets = np.searchsorted(np.asarray(GAP_EDGES), gaps, side="right")
         first = np.ones(len(users), bool)
         first[1:] = (users[1:] != users[:-1]) | (items[1:] != items[:-1])
         types = events.types[known][order].astype(np.int64)
-        return cls(users, items, types, buckets, np.flatnonzero(first))
+        return cls(users, items, types, buckets, positions, np.flatnonzero(first))
 
     def reduce(self, per_event: np.ndarray) -> np.ndarray:
         """Sum of a per-event value over each pair's events."""
@@ -209,6 +234,10 @@ class EventPairs:
 
     def latest_bucket(self) -> np.ndarray:
         return self.buckets[self.starts]
+
+    def latest_position(self) -> np.ndarray:
+        """POSITION_EDGES bucket of each pair's most recent event."""
+        return np.searchsorted(np.asarray(POSITION_EDGES), self.positions[self.starts], "right")
 
     def pair_users(self) -> np.ndarray:
         return self.users[self.starts]

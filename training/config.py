@@ -19,6 +19,7 @@ CHOICES = {
     "opt": ("adam", "sgd", "adagrad"),
     "update": ("lazy", "dense"),
     "device": ("auto", "cpu", "cuda"),
+    "train_on": ("new", "all"),
 }
 
 
@@ -39,6 +40,7 @@ class TrainConfig:
     history: int = 20  # softmax: the user tower reads the last N events; 0 = a per-user embedding
     history_dropout: float = 0.3  # softmax history: share of window events dropped in training
     recent_events: int = 200  # events per user the artifact keeps (tower and repeat term read)
+    train_on: str = "new"  # softmax history: events of products new to their user, or "all"
     # optimiser (seed: sgd, lr 0.02, momentum 0.9, wd 0, batch 1024)
     opt: str = "adam"
     lr: float = 0.003
@@ -165,6 +167,9 @@ FIELD_HELP = {
     "and types), so a user the model never saw is scored like one it did; 0 = a per-user "
     "embedding, the seed's",
     "history_dropout": "softmax history: share of a window's events dropped while training",
+    "train_on": "softmax history: new = the softmax learns from the events whose product is new"
+    " to their user and the repeat term learns which touched products come back (faster: a"
+    " shop's events mostly repeat); all = from every event",
     "recent_events": "events per user the artifact keeps (last N): the tower reads the last "
     "--history of them, the repeat term (products the user touched) all of them",
     "embedding_lr": "softmax: learning rate of the embedding rows; a row moves only in the "

@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from model.history import EVENT_TYPES, GAP_BUCKETS, EventPairs, RecentEvents, RepeatTerm
+from model.history import (
+    EVENT_TYPES,
+    GAP_BUCKETS,
+    POSITION_BUCKETS,
+    EventPairs,
+    RecentEvents,
+    RepeatTerm,
+)
 
 # event weight (training/events.py: purchase 4, cart 3, remove_from_cart 2, other 1) -> type
 _TYPE_OF_WEIGHT = {1.0: "view", 3.0: "cart", 4.0: "purchase", 2.0: "remove_from_cart"}
@@ -108,6 +115,15 @@ class Sequences:
             order,
         )
 
+    def first_touch(self) -> np.ndarray:
+        """Per row: its user's first event with its product (the pair is new)."""
+        items = self.items.cpu().numpy()
+        starts = self.user_start.cpu().numpy()  # one value per user: a user key in row order
+        _, first = np.unique(starts * (int(items.max()) + 1) + items, return_index=True)
+        out = np.zeros(len(items), bool)
+        out[first] = True
+        return out
+
     def windows(self, rows: Any, length: int) -> tuple[Any, Any, Any]:
         """(items, types, mask), each (len(rows), length): the events before each row of the
         same user, latest first; mask False past the user's first event."""
@@ -161,13 +177,15 @@ def fit_repeat(
     targets: np.ndarray,
     events: RecentEvents,
     l2: float = 1e-3,
+    start: RepeatTerm | None = None,
 ) -> RepeatTerm:
     """The repeat term that best explains the held-out `targets` (one product row per user of
     `events`, in order; -1: skip) on top of the logits user_vecs @ item_vecs.T.
 
     Only the user's touched products change their logits, so log Z needs the plain
     log-sum-exp once per user and the touched products' logits:
-    Z = Z0 + sum_touched exp(s_i) (exp(bonus_i) - 1).
+    Z = Z0 + sum_touched exp(s_i) (exp(bonus_i) - 1). `start`: the previous fit, to start
+    from (between evaluations the weights move little).
     """
     import torch
 
@@ -193,6 +211,7 @@ def fit_repeat(
             ].cpu()
     counts = torch.as_tensor(pairs.counts(), dtype=torch.float64)
     latest = torch.as_tensor(pairs.latest_bucket())
+    position = torch.as_tensor(pairs.latest_position())
     pair_user = torch.as_tensor(users)
     # the pair that is each user's target, if the user touched it before
     target_pair = np.full(n, -1, np.int64)
@@ -201,15 +220,23 @@ def fit_repeat(
     target_pair = torch.as_tensor(target_pair)
     weight = torch.as_tensor(keep, dtype=torch.float64) / max(int(keep.sum()), 1)
 
-    scale = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
-    log_w = torch.zeros(len(EVENT_TYPES) * GAP_BUCKETS, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(GAP_BUCKETS, dtype=torch.float64, requires_grad=True)
-    params = [scale, log_w, bias]
-    opt = torch.optim.LBFGS(params, max_iter=200, line_search_fn="strong_wolfe")
+    if start is None:
+        start = RepeatTerm(
+            1.0,
+            np.zeros((len(EVENT_TYPES), GAP_BUCKETS)),
+            np.zeros(GAP_BUCKETS),
+            np.zeros(POSITION_BUCKETS),
+        )
+    scale, log_w, bias, recent = params = [
+        torch.tensor(np.ravel(v), dtype=torch.float64).requires_grad_()
+        for v in (start.scale, start.weights, start.latest, start.recent)
+    ]
+    scale = scale.squeeze()
+    opt = torch.optim.LBFGS(params, max_iter=100, line_search_fn="strong_wolfe")
 
     def loss_fn() -> Any:
         opt.zero_grad()
-        bonus = scale * torch.log1p(counts @ torch.exp(log_w)) + bias[latest]
+        bonus = scale * torch.log1p(counts @ torch.exp(log_w)) + bias[latest] + recent[position]
         share = torch.exp(touched - z0[pair_user]) * torch.expm1(bonus)
         extra = torch.zeros(n, dtype=torch.float64).index_add_(0, pair_user, share)
         log_z = z0 + torch.log1p(extra.clamp_min(-1 + 1e-12))
@@ -225,4 +252,5 @@ def fit_repeat(
         float(scale.detach()),
         log_w.detach().numpy().reshape(len(EVENT_TYPES), GAP_BUCKETS),
         bias.detach().numpy().copy(),
+        recent.detach().numpy().copy(),
     )

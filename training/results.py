@@ -96,6 +96,7 @@ class HistoryEval:
     test_items: np.ndarray
     modes: dict[str, Any]
     baselines: dict[str, dict[str, Any]]
+    repeat: RepeatTerm | None = None  # the last evaluation's fit, where the next one starts
 
     @classmethod
     def build(cls, cfg: TrainConfig, data: Any, rank_rows: np.ndarray, num_items: int):
@@ -219,7 +220,7 @@ def history_metrics(model: Any, ev: HistoryEval, k: int, device: Any) -> dict[st
     users = np.arange(ev.events.num_users)
     user_vecs = user_vectors(model, ev.events, users, device)
     item_vecs = _tower(model, "item", np.arange(model.num_items), device)
-    repeat = fit_repeat(user_vecs, item_vecs, ev.test_items, ev.events)
+    repeat = ev.repeat = fit_repeat(user_vecs, item_vecs, ev.test_items, ev.events, start=ev.repeat)
     out: dict[str, Any] = {"k": k}
     for mode, (positions, seen) in ev.modes.items():
         bonus = repeat.bonus(ev.events) if mode == "kept" else None  # touched: excluded

@@ -107,6 +107,9 @@ def fit(
     users, items, labels = device_arrays(data, device, by_user)
     if sequences is not None:
         users = torch.arange(len(labels), device=device)  # the step takes event rows
+        if cfg.train_on == "new":  # repeats are the repeat term's to learn
+            keep = torch.as_tensor(sequences.first_touch(), device=device)
+            users, items, labels = users[keep], items[keep], labels[keep]
     if cfg.objective == "softmax" and cfg.recency:
         weights = recency_weights(data.train_users[by_user], cfg.recency)
         labels *= torch.as_tensor(weights, device=device)
@@ -202,10 +205,18 @@ def recency_weights(train_users: np.ndarray, half_life: float) -> np.ndarray:
 
 
 def _better(cfg: TrainConfig, row: dict[str, Any], best: dict[str, Any]) -> bool:
-    """The early-stopping measure: test MSE for mse, NDCG@k for the ranking objectives."""
+    """The early-stopping measure: test MSE for mse, NDCG@k for the ranking objectives; a
+    history model's is the mean of its NDCG@k over every product and over new products only
+    (the repeat term soon carries the first, while the towers still learn the second)."""
     if cfg.objective == "mse":
         return row["test_mse"] < best["test_mse"]
-    return row["ndcg"] > best["ndcg"]
+    return _ranking_score(row) > _ranking_score(best)
+
+
+def _ranking_score(row: dict[str, Any]) -> float:
+    if "excluded" in row:
+        return (row["ndcg"] + row["excluded"]["ndcg"]) / 2
+    return row["ndcg"]
 
 
 def _with_test_events(data: Any) -> Any:

@@ -11,6 +11,7 @@ import pytest
 from model.history import (
     GAP_BUCKETS,
     GAP_EDGES,
+    POSITION_EDGES,
     Bonus,
     HistoryTower,
     RecentEvents,
@@ -66,7 +67,9 @@ def test_pooling_is_the_weighted_mean_of_the_last_events(seed):
 def test_bonus_follows_the_formula_and_lookup_finds_it(seed):
     events = random_events(seed)
     rng = np.random.default_rng(seed)
-    repeat = RepeatTerm(0.7, rng.normal(size=(4, GAP_BUCKETS)), rng.normal(size=GAP_BUCKETS))
+    repeat = RepeatTerm(
+        0.7, rng.normal(size=(4, GAP_BUCKETS)), rng.normal(size=GAP_BUCKETS), rng.normal(size=5)
+    )
     bonus = repeat.bonus(events)
     want: dict[tuple[int, int], float] = {}
     for u in range(events.num_users):
@@ -75,16 +78,21 @@ def test_bonus_follows_the_formula_and_lookup_finds_it(seed):
             continue
         latest = events.times[hi - 1]
         mass: dict[int, float] = {}
-        recent: dict[int, int] = {}
+        last: dict[int, int] = {}  # the most recent event of each product
         for e in range(lo, hi):
             item = int(events.items[e])
             if item < 0:
                 continue
             bucket = int(np.searchsorted(GAP_EDGES, latest - events.times[e], side="right"))
             mass[item] = mass.get(item, 0.0) + math.exp(repeat.weights[events.types[e], bucket])
-            recent[item] = min(recent.get(item, GAP_BUCKETS), bucket)
+            last[item] = e
         for item, m in mass.items():
-            want[(u, item)] = repeat.scale * math.log1p(m) + repeat.latest[recent[item]]
+            e = last[item]
+            gap = int(np.searchsorted(GAP_EDGES, latest - events.times[e], side="right"))
+            back = int(np.searchsorted(POSITION_EDGES, hi - 1 - e, side="right"))
+            want[(u, item)] = (
+                repeat.scale * math.log1p(m) + repeat.latest[gap] + repeat.recent[back]
+            )
     assert len(bonus.items) == len(want)
     for u in range(events.num_users):
         items, values = bonus.row(u)
@@ -103,7 +111,9 @@ def test_lookup_on_an_empty_bonus_is_zero():
 
 
 def test_repeat_term_round_trips_and_rejects_bad_documents():
-    term = RepeatTerm(-1.5, np.full((4, GAP_BUCKETS), 0.25), np.linspace(-1, 1, GAP_BUCKETS))
+    term = RepeatTerm(
+        -1.5, np.full((4, GAP_BUCKETS), 0.25), np.linspace(-1, 1, GAP_BUCKETS), np.ones(5)
+    )
     back = RepeatTerm.from_json(term.to_json())
     assert back.scale == term.scale and np.allclose(back.weights, term.weights)
     bad = term.to_json()
@@ -111,6 +121,8 @@ def test_repeat_term_round_trips_and_rejects_bad_documents():
         {"gap_edges": [1, 2]},
         {"weights": [[0.0]]},
         {"latest": [float("nan")] * GAP_BUCKETS},
+        {"recent": [0.0]},
+        {"position_edges": [1]},
         {"scale": "big"},
     ):
         with pytest.raises(ValueError):

@@ -59,7 +59,12 @@ def make_history_artifact(path: Path, seed: int = 0, keep: int = 30) -> Path:
     times = 1_570_000_000 + np.cumsum(rng.choice([5, 600, 90_000, 4_000_000], len(users)))
     events = RecentEvents.build(users, items, kinds, times, len(USER_IDS), keep)
     tower = HistoryTower(-0.1 * np.arange(10), np.array([0.0, 0.4, 0.8, -0.5]))
-    repeat = RepeatTerm(0.9, rng.normal(0, 0.4, (4, GAP_BUCKETS)), rng.normal(0, 0.8, GAP_BUCKETS))
+    repeat = RepeatTerm(
+        0.9,
+        rng.normal(0, 0.4, (4, GAP_BUCKETS)),
+        rng.normal(0, 0.8, GAP_BUCKETS),
+        rng.normal(0, 0.8, 5),
+    )
     history = HistoryModel(
         tower,
         weights["item_embeddings.weight"].astype(np.float32),
