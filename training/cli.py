@@ -18,8 +18,10 @@ def _add_synth(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "synth",
         help="write synthetic REES46-shaped event files",
-        description="Write seeded, REES46-shaped event CSVs with planted user/product groups "
-        "that a recommender can learn. Same --seed, same bytes.",
+        description="Write seeded, REES46-shaped event CSVs that behave like a shop: sessions "
+        "(a product viewed several times, then carted and bought), consumables bought again, "
+        "interests that drift between hidden groups; REES46's event type shares and "
+        "heavy-tailed users and products. Same --seed, same bytes.",
     )
     p.add_argument("--rows", type=int, required=True, help="number of events to write")
     p.add_argument("--out", type=Path, required=True, help="output .csv/.csv.gz file or folder")

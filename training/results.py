@@ -140,13 +140,14 @@ class EvalSet:
         global_mean = float(np.mean(data.train_labels, dtype=np.float64))
         tl = np.asarray(data.test_labels, np.float32)
         train_rows = sample_rows(len(data.train_labels), cfg.train_mse_rows, cfg.seed + 1)
-        pop = popularity_metrics(
-            data.train_items, num_items, tu[rank_rows], ti[rank_rows], seen, cfg.k
-        )
         history = None
         if cfg.history_length and len(rank_rows):
             history = HistoryEval.build(cfg, data, rank_rows, num_items)
             pop = history.baselines["kept"]["popularity"]
+        else:
+            pop = popularity_metrics(
+                data.train_items, num_items, tu[rank_rows], ti[rank_rows], seen, cfg.k
+            )
         return cls(
             tu,
             ti,
