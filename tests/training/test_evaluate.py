@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from training.config import make_config
 from training.evaluate import evaluate_model_dir
 from training.metrics import SeenItems, popularity_metrics, ranking_metrics, sample_rows
 from training.train import train
@@ -121,3 +122,25 @@ def test_cli_evaluate_rejects_a_missing_model_dir(tmp_path, capsys):
     )
     assert rc == 1
     assert "model directory not found" in capsys.readouterr().err
+
+
+def test_a_history_model_is_evaluated_as_training_evaluated_it(tmp_path, capsys):
+    """`recsql evaluate` reads each user from their prepared training events, with the
+    repeat term, in both modes, beside the simple rules: the numbers training reported."""
+    import recsql_cli
+
+    data = planted_events()
+    cfg = make_config({"epochs": 3, "batch_size": 128, "num_embeddings": 16, "eval_users": 0})
+    metrics = train(cfg, data, tmp_path / "model", progress=False)
+    result = evaluate_model_dir(tmp_path / "model", data, k=10, eval_users=0)
+    final = metrics["final"]
+    assert result["model"]["hr"] == pytest.approx(final["hr"], abs=2e-3)
+    assert result["model"]["ndcg"] == pytest.approx(final["ndcg"], abs=2e-3)
+    assert result["excluded"]["hr"] == pytest.approx(final["excluded"]["hr"], abs=2e-3)
+    assert result["baselines"] == metrics["baselines"]
+    assert result["verdict"] == metrics["verdict"]
+    data.save(tmp_path / "prepared")
+    argv = ["evaluate", "--model-dir", str(tmp_path / "model"), str(tmp_path / "prepared")]
+    assert recsql_cli.main([*argv, "--eval-users", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "new products only" in table and "item cosine last5" in table
