@@ -22,9 +22,15 @@ from model import save_mfblock  # noqa: E402
 
 
 def random_mfblock(
-    folder: Path, user_ids: np.ndarray, item_ids: np.ndarray, emb: int = 64, seed: int = 0
+    folder: Path,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    emb: int = 64,
+    seed: int = 0,
+    probability: bool = False,
 ) -> Path:
-    """An MFBlock artifact with random weights for these ids (speed, not quality)."""
+    """An MFBlock artifact with random weights for these ids (speed, not quality); with
+    `probability`, scored as a softmax model (the per-user-embedding default before K)."""
     rng = np.random.default_rng(seed)
     users, items = len(user_ids), len(item_ids)
     weights = {
@@ -36,7 +42,11 @@ def random_mfblock(
         "dense_item.bias": np.zeros(emb),
         "item_popularity": rng.uniform(0, 1, items),
     }
-    return save_mfblock(folder, weights, user_ids, item_ids)
+    if not probability:
+        return save_mfblock(folder, weights, user_ids, item_ids)
+    weights["user_log_normalizer"] = np.full(users, 12.0)  # a plausible value: speed only
+    score = {"kind": "probability", "temperature": 1.0}
+    return save_mfblock(folder, weights, user_ids, item_ids, score=score)
 
 
 def random_history_model(

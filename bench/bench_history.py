@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,10 @@ def size(users: int, items: int) -> list[str]:
         "|---|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        for name, make in (("embedding", random_mfblock), ("history", random_history_model)):
+        for name, make in (
+            ("embedding", partial(random_mfblock, probability=True)),
+            ("history", random_history_model),
+        ):
             folder = make(Path(tmp) / name, user_ids, item_ids)
             weights = (folder / "weights.safetensors").stat().st_size
             events = "-"
@@ -144,7 +148,9 @@ def main() -> int:
     sections = ["## History models at serving scale (bench/bench_history.py)", ""]
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {
-            "embedding": random_mfblock(Path(tmp) / "embedding", user_ids, item_ids),
+            "embedding": random_mfblock(
+                Path(tmp) / "embedding", user_ids, item_ids, probability=True
+            ),
             "history": random_history_model(Path(tmp) / "history", user_ids, item_ids),
         }
         sections += [

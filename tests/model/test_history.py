@@ -103,6 +103,10 @@ def test_bonus_follows_the_formula_and_lookup_finds_it(seed):
     items = rng.integers(0, 12, 2000)
     expected = [want.get((u, i), 0.0) for u, i in zip(users.tolist(), items.tolist(), strict=True)]
     np.testing.assert_allclose(bonus.lookup(users, items), expected, rtol=1e-5, atol=1e-6)
+    for n in (1, 7, 32):  # a few pairs take the one-bisect-each path: the same numbers
+        np.testing.assert_array_equal(
+            bonus.lookup(users[:n], items[:n]), bonus.lookup(users, items)[:n]
+        )
 
 
 def test_lookup_on_an_empty_bonus_is_zero():
