@@ -201,7 +201,7 @@ def _row(label: str, connections: int, m: dict[str, float], note: str = "") -> s
 
 
 def _worker_shares(log: Path) -> str:
-    pids = re.findall(r"invocations .* pid=(\d+)", log.read_text(errors="replace"))
+    pids = re.findall(r"\[(\d+)\] recsql.serve: invocations ", log.read_text(errors="replace"))
     counts = sorted((pids.count(p) for p in set(pids)), reverse=True)
     return f" busiest worker {counts[0] / max(len(pids), 1):.0%}" if counts else ""
 

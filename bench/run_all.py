@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["quality", "prep", "train", "serve", "history", "udf", "db", "tabular"]
+ORDER = ["quality", "prep", "train", "serve", "logs", "history", "udf", "db", "tabular"]
 
 
 def machine() -> str:

@@ -21,6 +21,7 @@ CONTAINER_MODEL_DIR = Path("/opt/ml/model")
 CONTAINER_MODEL_ROOT = Path("/opt/ml/models")
 FALLBACK_POLICIES = ("null", "mean", "popularity")
 TABULAR_OUTPUTS = ("probability", "label")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ServeConfig:
     submit_dir: Path | None = None
     state_dir: Path | None = None  # shared by workers: model registry and metrics files
     log_level: str = "INFO"
+    log_format: str = "text"  # "json": one JSON object a line (serve/logs.py)
     log_every: int = 1  # one request line per this many successful invocations (errors: all)
 
     def __post_init__(self) -> None:
@@ -60,6 +62,9 @@ class ServeConfig:
             raise RecsqlError(f"tabular output {self.tabular_output!r} unknown; use {choices}")
         if self.workers < 1:
             raise RecsqlError(f"workers must be >= 1, not {self.workers}")
+        if self.log_format not in LOG_FORMATS:
+            choices = " or ".join(LOG_FORMATS)
+            raise RecsqlError(f"log format {self.log_format!r} unknown; use {choices}")
         if self.log_every < 1:
             raise RecsqlError(f"log_every must be >= 1, not {self.log_every}")
         if self.max_payload_bytes < 1:
@@ -139,6 +144,7 @@ def from_env(
         "log_level": (
             env.get("SAGEMAKER_CONTAINER_LOG_LEVEL") or env.get("RECSQL_LOG_LEVEL") or "INFO"
         ),
+        "log_format": (env.get("RECSQL_LOG_FORMAT") or "text").strip().lower(),
         "log_every": _int(env, "RECSQL_LOG_EVERY", 1),
     }
     values.update({k: v for k, v in flags.items() if v is not None})

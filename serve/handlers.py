@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -163,14 +162,13 @@ class DataPlane:
             self.metrics.observe(name, status, rows, null, seconds)
             if status >= 400 or next(self._requests) % self.config.log_every == 0:
                 log.info(
-                    "invocations model=%s status=%d rows=%d null=%d ms=%.2f inference_id=%s pid=%d",
+                    "invocations model=%s status=%d rows=%d null=%d ms=%.2f inference_id=%s",
                     name,
                     status,
                     rows,
                     null,
                     seconds * 1e3,
                     request.inference_id or "-",
-                    os.getpid(),
                 )
 
     def _accept(self, request: Invocation, model: object) -> str:

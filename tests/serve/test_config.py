@@ -39,6 +39,9 @@ def test_container_settings_from_sagemaker_env() -> None:
     assert options["bind"] == "0.0.0.0:9001" and options["workers"] == 3
     assert options["timeout"] == 30 and options["graceful_timeout"] < 30
     assert options["worker_class"].endswith("DrainingGeventWorker")
+    assert options["loglevel"] == "info" and from_env({}).log_format == "text"
+    sagemaker_level = from_env({"SAGEMAKER_CONTAINER_LOG_LEVEL": "30"})  # a number there
+    assert gunicorn_options(sagemaker_level)["loglevel"] == "warning"
 
 
 def test_multi_model_container_has_no_startup_model() -> None:
@@ -54,7 +57,11 @@ def test_flags_override_env() -> None:
 
 @pytest.mark.parametrize(
     "env",
-    [{"SAGEMAKER_MODEL_SERVER_WORKERS": "many"}, {"RECSQL_FALLBACK": "zero"}],
+    [
+        {"SAGEMAKER_MODEL_SERVER_WORKERS": "many"},
+        {"RECSQL_FALLBACK": "zero"},
+        {"RECSQL_LOG_FORMAT": "xml"},
+    ],
 )
 def test_bad_settings_are_one_line_errors(env) -> None:
     with pytest.raises(RecsqlError):

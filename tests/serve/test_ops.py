@@ -143,7 +143,7 @@ def test_keep_alive_clients_spread_over_workers(model_dir, tmp_path) -> None:
             t.start()
         for t in threads:
             t.join()
-        pids = re.findall(r"invocations model=\S+ status=200 .* pid=(\d+)", srv.log())
+        pids = re.findall(r"\[(\d+)\] recsql.serve: invocations model=\S+ status=200 ", srv.log())
     assert len(pids) == 320
     busiest = max(pids.count(p) for p in set(pids))
     assert busiest / len(pids) <= 0.65, {p: pids.count(p) for p in set(pids)}
