@@ -133,9 +133,9 @@ def upload(s3: Any, path: Path, uri: str, progress: bool = True) -> str:
         key += Path(path).name
     _check_bucket(s3, bucket)
     size = Path(path).stat().st_size
-    from tqdm import tqdm
+    from training.progress import progress_bar
 
-    with tqdm(
+    with progress_bar(
         total=size,
         unit="B",
         unit_scale=True,
@@ -251,10 +251,10 @@ def wait_for_endpoint(
     sm: Any, name: str, poll_s: float = 30.0, timeout_s: float = 3600.0, progress: bool = True
 ) -> str:
     """Poll until InService; a failed endpoint raises with SageMaker's FailureReason."""
-    from tqdm import tqdm
+    from training.progress import progress_bar
 
     deadline = time.monotonic() + timeout_s
-    with tqdm(
+    with progress_bar(
         desc=f"endpoint {name}", bar_format="{desc}: {postfix} [{elapsed}]", disable=not progress
     ) as bar:
         while True:

@@ -54,7 +54,8 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f s", b - a }'; }
 # ------------------------------------------------------------------------ 1. set-up
 setup() {
     local missing=()
-    command -v podman >/dev/null || missing+=(podman)
+    # PATH only: `command -v` would find the podman() wrapper defined below
+    type -P podman >/dev/null || missing+=(podman)
     command -v runc >/dev/null || missing+=(runc)
     command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
     python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)  # for podman-compose's venv

@@ -38,13 +38,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
-from tqdm import tqdm
 
 from model.errors import DataError
 from model.format import write_index
+from training.progress import progress_bar
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +300,9 @@ def prepare_events(
                 _load_files(con, files, headers, progress)
             with (
                 _step("filter, index, split"),
-                tqdm(total=_BUILD_STEPS, desc="index", unit="step", disable=not progress) as bar,
+                progress_bar(
+                    total=_BUILD_STEPS, desc="index", unit="step", disable=not progress
+                ) as bar,
             ):
                 stats = _build_tables(con, min_events, bar)
             with _step("fetch"):
@@ -366,7 +372,7 @@ def _load_files(
     sizes = [f.stat().st_size for f in files]
     if progress:  # DuckDB tracks query progress only with its (silenced) progress bar on
         con.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false")
-    with tqdm(
+    with progress_bar(
         total=sum(sizes), unit="B", unit_scale=True, desc="read", disable=not progress
     ) as bar:
         for path, header, size, done in zip(

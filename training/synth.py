@@ -47,9 +47,9 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-from tqdm import tqdm
 
 from model.errors import DataError
+from training.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -521,7 +521,9 @@ def write_synthetic(
     started = time.perf_counter()
     bounds = np.linspace(0, cfg.rows, len(paths) + 1).astype(np.int64)
     con = duckdb.connect()
-    bar = tqdm(total=cfg.rows, unit="row", unit_scale=True, disable=not progress, desc="synth")
+    bar = progress_bar(
+        total=cfg.rows, unit="row", unit_scale=True, disable=not progress, desc="synth"
+    )
     with tempfile.TemporaryDirectory(prefix="recsql-synth-") as tmp:
         gz = paths[0].name.lower().endswith(".gz")
         part = Path(tmp) / ("part.csv.gz" if gz else "part.csv")

@@ -27,10 +27,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm import tqdm
 
 from model.artifact import load_model
 from model.errors import DataError
@@ -43,6 +42,10 @@ from model.tabular import (
     XGBoostPredictor,
 )
 from training import reports
+from training.progress import progress_bar
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +350,9 @@ def _fit_candidates(cands, x_train, y_train, x_test, y_test, test_ok, config):
     steps = len(cands) * ((config.folds if automl else 0) + 1)
     entries: list[reports.Entry] = []
     fitted: dict[str, Predictor] = {}
-    with tqdm(total=steps, desc="train-tabular", unit="fit", disable=not config.progress) as bar:
+    with progress_bar(
+        total=steps, desc="train-tabular", unit="fit", disable=not config.progress
+    ) as bar:
         for order, (name, (family, params)) in enumerate(cands.items()):
             entry = reports.Entry(name, family, dict(params), order)
             if automl:

@@ -291,7 +291,8 @@ def run_epoch(
     """One pass over the events `rows` in that order (default: every event, in a fresh
     random order); returns (mean loss, seconds in the loop)."""
     import torch
-    from tqdm import tqdm
+
+    from training.progress import progress_bar
 
     dev = labels.device
     threads = torch.get_num_threads()
@@ -308,7 +309,7 @@ def run_epoch(
         else None
     )
     total = torch.zeros((), device=dev)
-    bar = tqdm(
+    bar = progress_bar(
         total=n,
         desc=desc,
         unit="ev",
