@@ -2,7 +2,9 @@
 
 Aurora calls a SageMaker endpoint itself (`ALIAS AWS_SAGEMAKER_INVOKE_ENDPOINT`),
 batching up to MAX_BATCH_SIZE rows per request as header-less text/csv: the
-same contract the recsql server answers. The cluster needs an IAM role allowed
+same contract the recsql server answers. Aurora sends no custom attributes, so a
+"similar" function (`similar_score`, which asks with `score=similar`) has no Aurora
+form: the install script notes it and leaves it out. The cluster needs an IAM role allowed
 to call `sagemaker:InvokeEndpoint`, named in the cluster parameter
 `aws_default_sagemaker_role` and attached with `add-role-to-db-cluster`, then a
 reboot of the writer instance.
@@ -52,11 +54,24 @@ def aurora_return_type(fn: SqlFunction) -> str:
     return fn.returns.strip().upper()
 
 
+def aurora_unavailable(fn: SqlFunction) -> str | None:
+    """Why Aurora cannot have `fn` (one line), or None when it can."""
+    if fn.custom_attributes is None:
+        return None
+    return (
+        f"{fn.name}: not available on Aurora, which cannot send X-Amzn-SageMaker-Custom-"
+        f"Attributes ({fn.custom_attributes}); use the endpoint's similar_to, DuckDB or MySQL"
+    )
+
+
 def aurora_function_ddl(fn: SqlFunction, endpoint_name: str | None = None) -> str:
     """CREATE FUNCTION ... ALIAS AWS_SAGEMAKER_INVOKE_ENDPOINT for one function.
 
     `endpoint_name` (the SageMaker endpoint) defaults to the function's endpoint name.
     """
+    why = aurora_unavailable(fn)
+    if why:
+        raise DataError(why)
     endpoint = endpoint_name or fn.endpoint
     if not _AWS_NAME.match(endpoint):
         raise BadRequest(f"bad SageMaker endpoint name {endpoint!r}")
@@ -92,7 +107,8 @@ def aurora_grants(
     aurora_version: int = 3,
     host: str = "%",
 ) -> list[str]:
-    """The statements that let `user` call the functions (Aurora MySQL 2 or 3)."""
+    """The statements that let `user` call the functions (Aurora MySQL 2 or 3); those Aurora
+    cannot have (aurora_unavailable) are left out."""
     account = _account(user, host)
     db = _ident(database, "database")
     if aurora_version == 3:
@@ -112,6 +128,7 @@ def aurora_grants(
     statements += [
         f"GRANT EXECUTE ON FUNCTION {db}.{_ident(fn.name, 'function')} TO {account};"
         for fn in functions
+        if not aurora_unavailable(fn)
     ]
     return statements
 
@@ -124,11 +141,14 @@ def aurora_install_script(
     aurora_version: int = 3,
     endpoint_name: str | None = None,
 ) -> str:
-    """A script to paste into the mysql client: DROP/CREATE each function, then GRANTs."""
-    functions = list(functions)
+    """A script to paste into the mysql client: DROP/CREATE each function, then GRANTs.
+    A function Aurora cannot call (aurora_unavailable) is a comment saying why."""
     lines = [f"USE {_ident(database, 'database')};", ""]
+    notes = [f"-- {aurora_unavailable(fn)}" for fn in functions if aurora_unavailable(fn)]
+    functions = [fn for fn in functions if not aurora_unavailable(fn)]
     for fn in functions:
         lines += [f"DROP FUNCTION IF EXISTS {fn.name};", aurora_function_ddl(fn, endpoint_name), ""]
+    lines += [*notes, ""] if notes else []
     if user:
         lines += aurora_grants(user, database, functions, aurora_version=aurora_version)
     return "\n".join(lines).rstrip() + "\n"

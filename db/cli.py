@@ -64,7 +64,8 @@ def _add_endpoint_args(p: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="JSON",
         help="function definitions (default: will_purchase(user_id BIGINT, product_id BIGINT) "
-        "RETURNS FLOAT on endpoint recsql)",
+        "and similar_score(product_a BIGINT, product_b BIGINT), RETURNS FLOAT, on endpoint "
+        "recsql)",
     )
 
 

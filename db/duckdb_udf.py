@@ -69,7 +69,8 @@ def install_duckdb_functions(
         endpoints = Endpoints(endpoints)
     names = []
     for fn in functions:
-        pool = endpoints.pool(fn.endpoint, fn.target_model)  # fails now if no URL is configured
+        # fails now if no URL is configured
+        pool = endpoints.pool(fn.endpoint, fn.target_model, fn.custom_attributes)
         try:
             con.remove_function(fn.name)
         except (duckdb.InvalidInputException, duckdb.CatalogException):

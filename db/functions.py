@@ -3,6 +3,12 @@
 A function names an endpoint (never a URL): Aurora resolves the name to a
 SageMaker endpoint, the MariaDB/MySQL loadable function resolves it through a
 server-side allow-list file, DuckDB through the endpoints the caller configured.
+
+What a function scores is its `score`: "pair" sends its arguments as a CSV record the
+model scores (a user and a product, a tabular row); "similar" sends two product ids with
+`X-Amzn-SageMaker-Custom-Attributes: score=similar`, and the endpoint answers their
+cosine (MariaDB/MySQL: the loadable function `recsql_similar`, which scores in-server
+from a vectors file too). Aurora cannot send that header, so it has no "similar" function.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from model.errors import DataError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _ENDPOINT = re.compile(r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,62}$")  # SageMaker endpoint name rules
+SCORES = ("pair", "similar")
 SQL_TYPES = ("BIGINT", "INT", "INTEGER", "DOUBLE", "FLOAT", "DECIMAL", "VARCHAR", "TEXT")
 # The whole type must match: it is written into DDL, so nothing may follow it.
 _TYPE = re.compile(
@@ -45,6 +52,7 @@ class SqlFunction:
     target_model: str | None = None  # multi-model endpoints: X-Amzn-SageMaker-Target-Model
     max_batch_size: int = 10000
     description: str = field(default="", compare=False)
+    score: str = "pair"  # "similar": (product, product) -> cosine; see the module docstring
 
     def __post_init__(self) -> None:
         if not _IDENT.match(self.name):
@@ -53,10 +61,22 @@ class SqlFunction:
             raise DataError(f"function {self.name}: bad endpoint name {self.endpoint!r}")
         if not 1 <= self.max_batch_size <= 10000:
             raise DataError(f"function {self.name}: max_batch_size must be 1..10000")
+        if self.score not in SCORES:
+            raise DataError(f"function {self.name}: score must be one of {', '.join(SCORES)}")
+        if self.score == "similar" and (len(self.args) != 2 or self.returns_text):
+            raise DataError(
+                f"function {self.name}: a similar function takes two product ids and returns"
+                " a number"
+            )
 
     @property
     def returns_text(self) -> bool:
         return self.returns.upper().startswith(("VARCHAR", "TEXT"))
+
+    @property
+    def custom_attributes(self) -> str | None:
+        """The X-Amzn-SageMaker-Custom-Attributes its requests carry (None: none)."""
+        return "score=similar" if self.score == "similar" else None
 
 
 WILL_PURCHASE = SqlFunction(
@@ -64,6 +84,14 @@ WILL_PURCHASE = SqlFunction(
     (Argument("user_id", "BIGINT"), Argument("product_id", "BIGINT")),
     "FLOAT",
     description="MFBlock score of a (user, product) pair; NULL when either id is unknown.",
+)
+
+SIMILAR_SCORE = SqlFunction(
+    "similar_score",
+    (Argument("product_a", "BIGINT"), Argument("product_b", "BIGINT")),
+    "FLOAT",
+    description="Cosine of two products' MFBlock item vectors (0..1); NULL when either is unknown.",
+    score="similar",
 )
 
 # The bank-marketing tabular model (tests/data/bank-full.csv.gz, target y) on a
@@ -95,12 +123,13 @@ WILL_SUBSCRIBE = SqlFunction(
     description="P(the client subscribes a term deposit), bank tabular model; NULL: bad row.",
 )
 
-DEFAULT_FUNCTIONS: tuple[SqlFunction, ...] = (WILL_PURCHASE,)
+DEFAULT_FUNCTIONS: tuple[SqlFunction, ...] = (WILL_PURCHASE, SIMILAR_SCORE)
 
 
 def load_functions(path: Path) -> list[SqlFunction]:
     """Read function definitions from JSON: a list of
-    {"name", "args": [[name, type], ...], "returns", "endpoint", "target_model", "max_batch_size"}.
+    {"name", "args": [[name, type], ...], "returns", "endpoint", "target_model", "max_batch_size",
+    "score"}.
     """
     try:
         items = json.loads(Path(path).read_text())
@@ -113,6 +142,7 @@ def load_functions(path: Path) -> list[SqlFunction]:
                 target_model=item.get("target_model"),
                 max_batch_size=int(item.get("max_batch_size", 10000)),
                 description=item.get("description", ""),
+                score=item.get("score", "pair"),
             )
             for item in items
         ]

@@ -54,6 +54,7 @@ class EndpointPool:
         max_idle: int = 16,
         timeout: float = 60.0,
         target_model: str | None = None,
+        custom_attributes: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -62,6 +63,7 @@ class EndpointPool:
         self.name = name or url
         self._path = parts.path if parts.path not in ("", "/") else "/invocations"
         self._target_model = target_model
+        self._custom_attributes = custom_attributes
         # block=False: more threads than max_idle get extra connections, closed after use
         self._pool = urllib3.connection_from_url(
             url, maxsize=max_idle, block=False, timeout=timeout, retries=False
@@ -83,6 +85,8 @@ class EndpointPool:
         model = target_model or self._target_model
         if model:
             headers["X-Amzn-SageMaker-Target-Model"] = model
+        if self._custom_attributes:
+            headers["X-Amzn-SageMaker-Custom-Attributes"] = self._custom_attributes
         with self._lock:
             self.requests += 1
         try:
@@ -103,12 +107,16 @@ class Endpoints:
 
     def __init__(self, urls: Mapping[str, str], *, timeout: float = 60.0) -> None:
         self.urls = dict(urls)
-        self._pools: dict[tuple[str, str | None], EndpointPool] = {}
+        self._pools: dict[tuple[str, str | None, str | None], EndpointPool] = {}
         self._timeout = timeout
         self._lock = threading.Lock()
 
-    def pool(self, name: str, target_model: str | None = None) -> EndpointPool:
-        key = (name, target_model)
+    def pool(
+        self, name: str, target_model: str | None = None, custom_attributes: str | None = None
+    ) -> EndpointPool:
+        """The pool for an endpoint name, the target model and custom attributes its requests
+        carry (SqlFunction.target_model, .custom_attributes)."""
+        key = (name, target_model, custom_attributes)
         with self._lock:
             pool = self._pools.get(key)
             if pool is None:
@@ -120,7 +128,11 @@ class Endpoints:
                         f"--endpoint {name}=http://HOST:PORT or set {ENV_VAR}"
                     )
                 pool = EndpointPool(
-                    url, name=name, timeout=self._timeout, target_model=target_model
+                    url,
+                    name=name,
+                    timeout=self._timeout,
+                    target_model=target_model,
+                    custom_attributes=custom_attributes,
                 )
                 self._pools[key] = pool
             return pool

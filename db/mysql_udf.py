@@ -5,8 +5,9 @@ Four steps, each a function the CLI and tests call:
 - `build_udf()` compiles db/udf/recsql_udf.so with make, gcc and libcurl.
 - `install_udf(conn, endpoints, functions)` copies it into the server's
   `plugin_dir`, registers the loadable functions (`recsql_invoke`,
-  `recsql_invoke_str`, `recsql_last_error`, `recsql_endpoints_path`) and writes
-  the server-side allow-list that maps endpoint names to URLs.
+  `recsql_invoke_str`, `recsql_similar`, `recsql_last_error`,
+  `recsql_endpoints_path`) and writes the server-side allow-list that maps
+  endpoint names to URLs.
 - `create_functions(conn, functions)` creates the SQL functions of
   db/functions.py (e.g. `will_purchase`) and a `<name>_strict` twin of each.
 - `drop_functions(conn, functions)` / `uninstall_udf(conn)` undo them.
@@ -51,6 +52,7 @@ STRICT_SUFFIX = "_strict"
 LOADABLE_FUNCTIONS = {
     "recsql_invoke": "REAL",
     "recsql_invoke_str": "STRING",
+    "recsql_similar": "REAL",
     "recsql_last_error": "STRING",
     "recsql_endpoints_path": "STRING",
 }
@@ -317,6 +319,14 @@ def write_allow_list(
         raise RecsqlError(f"cannot write the allow-list {path}: {exc.strerror}") from exc
 
 
+def loadable_function(function: SqlFunction) -> str:
+    """The loadable function a SQL function calls: recsql_similar for product similarity
+    (score=similar over HTTP, the cosine in-server), else recsql_invoke(_str)."""
+    if function.score == "similar":
+        return "recsql_similar"
+    return "recsql_invoke_str" if function.returns_text else "recsql_invoke"
+
+
 def function_ddl(
     function: SqlFunction,
     *,
@@ -329,7 +339,7 @@ def function_ddl(
     qualified = f"{_quote_ident(database)}.{_quote_ident(name)}" if database else _quote_ident(name)
     params = ", ".join(f"{_quote_ident(a.name)} {_param_type(a.sql_type)}" for a in function.args)
     returns = _param_type(function.returns)
-    udf = "recsql_invoke_str" if function.returns_text else "recsql_invoke"
+    udf = loadable_function(function)
     args = ", ".join(_quote_ident(a.name) for a in function.args)
     call = f"{udf}({_literal(allow_list_name(function))}, {args})"
     policy = "raises on endpoint failure" if strict else "NULL on endpoint failure"
@@ -361,12 +371,14 @@ def create_functions(
 ) -> list[str]:
     """(Re)create each function, and its `<name>_strict` twin when `strict`; returns names."""
     database = _database(conn, database)
+    functions = list(functions)
+    needed = {"recsql_last_error", *(loadable_function(f) for f in functions)}
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT COUNT(*) FROM mysql.func WHERE name IN ('recsql_invoke', "
-            "'recsql_invoke_str', 'recsql_last_error')"
+            f"SELECT name FROM mysql.func WHERE name IN ({', '.join(['%s'] * len(needed))})",
+            sorted(needed),
         )
-        if cur.fetchone()[0] < 3:
+        if len(cur.fetchall()) < len(needed):
             raise RecsqlError("the recsql loadable functions are not registered: run install_udf")
         created = []
         for function in functions:

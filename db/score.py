@@ -97,7 +97,7 @@ def _score_stream(
 ) -> tuple[int, int, int]:
     """Score batches with up to `workers` requests in flight; write results in order."""
     fn = opts.function
-    pool = endpoints.pool(fn.endpoint, fn.target_model)
+    pool = endpoints.pool(fn.endpoint, fn.target_model, fn.custom_attributes)
     first_request = pool.requests
     score = make_udf(fn, pool, opts.on_error, max_rows=opts.batch)
     names = [a.name for a in fn.args] + ["score"]
@@ -232,7 +232,7 @@ def score_mysql_in_server(url: str, query: str, opts: ScoreOptions) -> ScoreStat
     old table stays (slower: MariaDB runs a stored function's body per row)."""
     import pymysql
 
-    from db.mysql_udf import STRICT_SUFFIX, allow_list_name
+    from db.mysql_udf import STRICT_SUFFIX, allow_list_name, loadable_function
 
     start = time.perf_counter()
     fn, table = opts.function, opts.table
@@ -255,7 +255,7 @@ def score_mysql_in_server(url: str, query: str, opts: ScoreOptions) -> ScoreStat
             if opts.on_error == "error":
                 call = f"`{fn.name}{STRICT_SUFFIX}`({quoted})"
             else:
-                call = f"recsql_invoke('{allow_list_name(fn)}', {quoted})"
+                call = f"{loadable_function(fn)}('{allow_list_name(fn)}', {quoted})"
             cur.execute(f"DROP TABLE IF EXISTS `{new}`, `{old}`")
             cur.execute(
                 f"CREATE TABLE `{new}` ({ddl}, `score` {score_type} NULL) "

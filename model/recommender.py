@@ -17,6 +17,10 @@ vectors are the tower over each user's events as of training, and every product 
 touched gets the repeat term's bonus on its logit (`bonus`), in pair scores, top-K and the
 normaliser alike. A user without a row is read from the events a request sends by the same
 function (`read_users`); older models fold such a history in (`fold_in`).
+
+Similar products: the cosine between two products' item vectors (the item tower's outputs,
+the vectors the dot product uses), in [0, 1] since they are ReLU outputs; 0 when either
+vector is zero (`similarity`, `top_similar`).
 """
 
 from __future__ import annotations
@@ -306,10 +310,13 @@ class Recommender:
         exclude: np.ndarray | None = None,
         log_normalizer: float | None = None,
         bonus: tuple[np.ndarray, np.ndarray] | None = None,
+        items: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """top_k for a user vector (a known user's row, or one read from a history), plus
         `bonus` (product rows, values) on those products' scores; vector None: by item
-        popularity (the fallback ranking), scored as the fallback is."""
+        popularity (the fallback ranking), scored as the fallback is. `items`: the table
+        the vector is scored against (default item_vectors)."""
+        items = self.item_vectors if items is None else items
         if candidates is None and len(self.items) < len(self.item_vectors):
             candidates = self.items.sorted_ids  # rows no id names cannot be returned
         if vector is None:
@@ -320,12 +327,10 @@ class Recommender:
         if candidates is not None:
             item_rows = self.items.rows(candidates)
             item_rows = np.unique(item_rows[item_rows >= 0])
-            scores = (
-                self.item_vectors[item_rows] @ vector if vector is not None else table[item_rows]
-            )
+            scores = items[item_rows] @ vector if vector is not None else table[item_rows]
         else:
             item_rows = None
-            scores = self.item_vectors @ vector if vector is not None else table.copy()
+            scores = items @ vector if vector is not None else table.copy()
         if bonus is not None and vector is not None and len(bonus[0]):
             _add_bonus(scores, item_rows, *bonus)
         if exclude is not None and len(exclude):
@@ -341,6 +346,52 @@ class Recommender:
         if log_normalizer is not None:
             top = self._to_probability(top, log_normalizer)
         return self.items.ids_by_row[rows], top
+
+    @cached_property
+    def item_norms(self) -> np.ndarray:
+        """Each item vector's length (float64)."""
+        vectors = self.item_vectors.astype(np.float64)
+        return np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+
+    @cached_property
+    def unit_item_vectors(self) -> np.ndarray:
+        """item_vectors scaled to length 1 (a zero vector stays zero): cosine is a dot."""
+        norms = self.item_norms
+        return (self.item_vectors / np.where(norms > 0, norms, 1.0)[:, None]).astype(np.float32)
+
+    def similarity(self, product_a: np.ndarray, product_b: np.ndarray) -> np.ndarray:
+        """Cosine between the item vectors of each pair of products, in float64 then
+        rounded (as the in-server function computes it); NaN where either is unknown, 0
+        where either vector is zero."""
+        a = self.items.rows(product_a)
+        b = self.items.rows(product_b)
+        ok = (a >= 0) & (b >= 0)
+        out = np.full(a.shape, np.nan, np.float32)
+        a, b = a[ok], b[ok]
+        dots = np.einsum("ij,ij->i", self.item_vectors[a].astype(np.float64), self.item_vectors[b])
+        norms = self.item_norms[a] * self.item_norms[b]
+        cosine = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+        out[ok] = np.clip(cosine, -1.0, 1.0)
+        return out
+
+    def top_similar(
+        self,
+        product_ids: np.ndarray,
+        k: int,
+        candidates: np.ndarray | None = None,
+        exclude: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The `k` products most similar to `product_ids`, best first, scored by their mean
+        cosine to the distinct known ones (unknown ids are skipped); the query products
+        themselves are never returned. None when the model knows none of them."""
+        product_ids = np.asarray(product_ids, np.int64)
+        rows = np.unique(self.items.rows(product_ids))
+        rows = rows[rows >= 0]
+        if not len(rows):
+            return None
+        query = self.unit_item_vectors[rows].mean(0)  # unit . mean(q) = mean(unit . q)
+        exclude = product_ids if exclude is None else np.concatenate([exclude, product_ids])
+        return self.rank_vector(query, k, candidates, exclude, items=self.unit_item_vectors)
 
     def read_users(self, events: RecentEvents) -> list[FoldIn | None]:
         """Each user of `events` (product rows, -1 unknown) as the model reads them; None for

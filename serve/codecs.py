@@ -36,7 +36,16 @@ _ALIASES = {
     "application/json-lines": JSONL,
     "application/x-ndjson": JSONL,
 }
-_BODY_PARAMS = ("top_k", "candidates", "exclude", "fallback", "output", "history")
+_BODY_PARAMS = (
+    "top_k",
+    "candidates",
+    "exclude",
+    "fallback",
+    "output",
+    "history",
+    "similar_to",
+    "score",
+)
 
 
 def media_type(header: str | None) -> str | None:

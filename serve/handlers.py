@@ -17,7 +17,7 @@ from model.errors import BadRequest, PayloadTooLarge, RecsqlError
 from serve import codecs
 from serve.config import MB, TABULAR_OUTPUTS, ServeConfig
 from serve.metrics import Metrics
-from serve.models import MAX_TOP_K, Options, TabularServable
+from serve.models import MAX_TOP_K, SCORES, Options, TabularServable
 from serve.records import Prediction
 from serve.registry import ModelRegistry
 from serve.scripts import ScriptModel
@@ -76,6 +76,16 @@ def _output(value: Any, tabular: bool, config: ServeConfig) -> str | None:
     return output
 
 
+def _score(value: Any) -> str:
+    """`score=pair|similar`: what a pair record is (user, product) or (product, product)."""
+    if value is None or value == "":
+        return SCORES[0]
+    score = str(value).strip().lower()
+    if score not in SCORES:
+        raise BadRequest(f"score {value!r} unknown; use {' or '.join(SCORES)}")
+    return score
+
+
 def _is_tabular(model: object) -> bool:
     inner = model.inner if isinstance(model, ScriptModel) else model
     return isinstance(inner, TabularServable)
@@ -122,6 +132,8 @@ class DataPlane:
             exclude=params.get("exclude"),
             history=params.get("history"),
             output=_output(params.get("output") or attributes.get("output"), tabular, self.config),
+            similar_to=params.get("similar_to"),
+            score=_score(params.get("score") or attributes.get("score")),
         )
 
     def invoke(self, request: Invocation) -> Reply:

@@ -29,6 +29,8 @@ from serve.history import parse_histories
 from serve.records import CsvTable, Payload, Prediction, Rankings, Scores
 
 MAX_TOP_K = 1000
+SCORES = ("pair", "similar")  # what a pair request scores: (user, product) or (product, product)
+SIMILAR_INPUTS = ("product_a", "product_b")
 LABEL_THRESHOLD = 0.5  # P(positive) >= this -> classes[1], as training's accuracy counts it
 
 
@@ -42,6 +44,8 @@ class Options:
     exclude: Any = None
     history: Any = None  # top-K for users the model does not know: product ids, or a list each
     output: str | None = None  # "probability" or "label" (tabular models); None: probability
+    similar_to: Any = None  # top-K of the products most like these: product ids, or a list each
+    score: str = "pair"  # "similar": pairs are (product, product), scored by cosine
 
 
 class ServableModel(ABC):
@@ -84,7 +88,7 @@ def _id_lists(value: Any, what: str) -> list[np.ndarray]:
     return [np.array(ids, dtype=np.int64) for ids in lists]
 
 
-def _per_user(value: Any, n_users: int, what: str) -> list[np.ndarray | None]:
+def _per_user(value: Any, n_users: int, what: str, who: str = "users") -> list[np.ndarray | None]:
     """`candidates`/`exclude` for each of n_users: one list for all, or one list each."""
     if value is None:
         return [None] * n_users
@@ -92,7 +96,7 @@ def _per_user(value: Any, n_users: int, what: str) -> list[np.ndarray | None]:
     if len(lists) == 1 and not (value and isinstance(value[0], list)):
         return lists * n_users
     if len(lists) != n_users:
-        raise BadRequest(f'"{what}" has {len(lists)} lists for {n_users} users')
+        raise BadRequest(f'"{what}" has {len(lists)} lists for {n_users} {who}')
     return lists
 
 
@@ -108,6 +112,10 @@ class RecommenderModel(ServableModel):
     def predict(self, payload: Payload, options: Options) -> Prediction:
         if options.output == "label":
             raise BadRequest("output=label is for tabular models; this model scores pairs")
+        if options.similar_to is not None:
+            return self.rank_similar(options)
+        if options.score == "similar":
+            return self.score_similar(payload, options)
         if options.history is not None:
             return self.rank_histories(options)
         if options.top_k is not None:
@@ -171,6 +179,50 @@ class RecommenderModel(ServableModel):
         counts = {"malformed": 0, "unknown": fallen, "fallback": fallen, "null": 0}
         return Rankings(ids, scores, [None] * n, counts, basis)
 
+    def score_similar(self, payload: Payload, options: Options) -> Scores:
+        """score=similar: each `product_a,product_b` record's cosine (Recommender.similarity);
+        NaN where either product is unknown, whatever the fallback policy."""
+        if options.top_k is not None:
+            raise BadRequest(
+                "score=similar scores product pairs; for the top-K similar products send"
+                ' {"similar_to": [...], "top_k": K}'
+            )
+        (product_a, product_b), ok = payload.table.ints(SIMILAR_INPUTS)
+        scores = self.recommender.similarity(product_a, product_b)
+        scores[~ok] = np.nan
+        return Scores(scores, _counts(ok, scores, None))
+
+    def rank_similar(self, options: Options) -> Rankings:
+        """Top-K of the products most similar to each `similar_to` list (mean cosine,
+        Recommender.top_similar); a list the model knows none of gets the popularity
+        ranking, and each reply says which."""
+        value = options.similar_to
+        if options.history is not None:
+            raise BadRequest('send either "history" or "similar_to", not both')
+        if not isinstance(value, list) or not value:
+            raise BadRequest(
+                '"similar_to" must be a non-empty list of product ids (or one list per query)'
+            )
+        queries = _id_lists(value, "similar_to")
+        if any(len(ids) == 0 for ids in queries):
+            raise BadRequest('"similar_to" lists must each name at least one product id')
+        if options.top_k is None:
+            raise BadRequest('"similar_to" needs "top_k": it ranks products, it scores no pairs')
+        rec, k, n = self.recommender, options.top_k, len(queries)
+        candidates = _per_user(options.candidates, n, "candidates", "similar_to lists")
+        exclude = _per_user(options.exclude, n, "exclude", "similar_to lists")
+        ids, scores, basis = [], [], []
+        for row, products in enumerate(queries):
+            best = rec.top_similar(products, k, candidates[row], exclude[row])
+            basis.append("similar" if best is not None else "popularity")
+            if best is None:  # none of them known: nothing to exclude but `exclude`
+                best = rec.rank_vector(None, k, candidates[row], exclude[row])
+            ids.append(best[0])
+            scores.append(best[1])
+        fallen = basis.count("popularity")
+        counts = {"malformed": 0, "unknown": fallen, "fallback": fallen, "null": 0}
+        return Rankings(ids, scores, [None] * n, counts, basis)
+
     def describe(self) -> dict[str, Any]:
         return self.recommender.describe()
 
@@ -203,6 +255,11 @@ class TabularServable(ServableModel):
         self.model = model
 
     def predict(self, payload: Payload, options: Options) -> Prediction:
+        if options.similar_to is not None or options.score == "similar":
+            raise BadRequest(
+                "similar_to and score=similar rank products by a recommender's item vectors;"
+                " this is a tabular model"
+            )
         table = payload.table
         if isinstance(table, CsvTable):
             matrix, readable, encoded = self.encode_csv(table)

@@ -34,6 +34,23 @@ _PAIRS = {
             ' "ranked_by": "history" or "popularity".',
             "items": {},
         },
+        "similar_to": {
+            "type": "array",
+            "description": "with top_k, instead of user_id: product ids (or one list per"
+            " query); ranks every other product by its mean cosine to the known ones (the"
+            " item tower's outputs, 0..1); the query products are never returned, unknown"
+            " ones are skipped; a list with none the model knows gets the popularity ranking."
+            ' Each reply carries "ranked_by": "similar" or "popularity".',
+            "items": {},
+        },
+        "score": {
+            "type": "string",
+            "enum": ["pair", "similar"],
+            "description": "similar: each record is (product_a, product_b), scored by the"
+            " cosine of their item vectors; null where either is unknown (no fallback)",
+        },
+        "product_a": {"type": "array", "items": {"type": "integer"}},
+        "product_b": {"type": "array", "items": {"type": "integer"}},
         "fallback": {"type": "string", "enum": ["null", "mean", "popularity"]},
         "output": {
             "type": "string",
@@ -49,13 +66,15 @@ _HEADERS = [
         "in": "header",
         "schema": {"type": "string"},
         "description": "e.g. fallback=popularity,top_k=10; output=label (tabular models:"
-        ' CSV `label,probability`, JSON {"label", "probability"} per record)',
+        ' CSV `label,probability`, JSON {"label", "probability"} per record); score=similar'
+        " (CSV records are product_a,product_b: their cosine)",
     },
     {"name": "X-Amzn-SageMaker-Target-Model", "in": "header", "schema": {"type": "string"}},
     {"name": "X-Amzn-SageMaker-Inference-Id", "in": "header", "schema": {"type": "string"}},
 ]
 _INVOKE: dict[str, Any] = {
-    "summary": "Score user-product pairs, or rank products for users (top_k) or histories",
+    "summary": "Score user-product pairs (or product-product similarity), or rank products for"
+    " users (top_k), histories or similar products",
     "description": "MFBlock scores: softmax-trained models (the default) return the"
     " probability of the product among the whole catalogue for the user; mse-trained models"
     " the predicted event weight (view 1 ... purchase 4); bpr-trained models an unscaled"

@@ -27,9 +27,12 @@ LAST, DECAY = 5, 0.8
 Scorer = Callable[[np.ndarray], np.ndarray]
 
 
-def rule_scorers(events: RecentEvents, num_items: int, users: np.ndarray) -> dict[str, Scorer]:
+def rule_scorers(
+    events: RecentEvents, num_items: int, users: np.ndarray, last: int = LAST
+) -> dict[str, Scorer]:
     """Scorers for `users` (rows of `events`, every training event of theirs, oldest first):
-    scorer(rows) -> (len(rows), num_items) scores of users[rows]."""
+    scorer(rows) -> (len(rows), num_items) scores of users[rows]. Item-cosine reads each
+    user's `last` events (its key says how many: item_cosine_last5 by default)."""
     from scipy.sparse import csr_matrix
 
     owner = events.user_rows()
@@ -43,9 +46,10 @@ def rule_scorers(events: RecentEvents, num_items: int, users: np.ndarray) -> dic
     unit = binary.multiply(1.0 / np.maximum(norms, 1.0)[None, :]).tocsr()  # columns: unit norm
     unit_t = unit.T.tocsr()
     from_end = events.from_end()
-    last = from_end < LAST
+    recent_rows = from_end < last
     recent = csr_matrix(
-        (DECAY ** from_end[last], (owner[last], events.items[last])), shape=shape
+        (DECAY ** from_end[recent_rows], (owner[recent_rows], events.items[recent_rows])),
+        shape=shape,
     ).tocsr()
     tie = counts / (counts.max() + 1.0)
 
@@ -60,7 +64,7 @@ def rule_scorers(events: RecentEvents, num_items: int, users: np.ndarray) -> dic
 
     return {
         "popularity": popularity,
-        "item_cosine_last5": item_cosine,
+        f"item_cosine_last{last}": item_cosine,
         "top_frequency": top_frequency,
     }
 

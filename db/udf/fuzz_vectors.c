@@ -8,6 +8,7 @@
  *                          report is the bug the fuzz test looks for.
  *   fuzz_vectors --score FILE < pairs   "user item" per line -> the score
  *                          (%.9g), NULL, or ERR <reason>, one line each.
+ *   fuzz_vectors --similar FILE < pairs   "item item" per line -> their cosine, the same way.
  */
 #include "vectors.h"
 
@@ -44,10 +45,19 @@ static long probe(const recsql_vectors *v)
             }
     for (int k = 0; k < 256; k++)
         scored += recsql_vectors_score(v, next_random() % 1000, next_random(), &s, err) >= 0;
+    /* similarity: each item slot's id against 8 others, then random ids */
+    for (uint64_t k = 0; k < v->items.num_slots && k < 8192; k++)
+        for (uint64_t j = 0; j < 8; j++) {
+            int64_t a = v->items.slots[2 * k];
+            int64_t b = v->items.slots[2 * ((8 * k + j) & (v->items.num_slots - 1))];
+            scored += recsql_vectors_similar(v, a, b, &s, err) >= 0;
+        }
+    for (int k = 0; k < 256; k++)
+        scored += recsql_vectors_similar(v, next_random(), next_random() % 1000, &s, err) >= 0;
     return scored;
 }
 
-static int score_pairs(const char *path)
+static int score_pairs(const char *path, int similar)
 {
     recsql_vectors v;
     char err[RECSQL_VECTORS_ERR];
@@ -58,7 +68,8 @@ static int score_pairs(const char *path)
         return 0;
     }
     while (scanf("%lld %lld", &u, &i) == 2) {
-        int rc = recsql_vectors_score(&v, u, i, &s, err);
+        int rc = similar ? recsql_vectors_similar(&v, u, i, &s, err)
+                         : recsql_vectors_score(&v, u, i, &s, err);
         if (rc > 0)
             printf("%.9g\n", s);
         else
@@ -70,8 +81,8 @@ static int score_pairs(const char *path)
 
 int main(int argc, char **argv)
 {
-    if (argc == 3 && !strcmp(argv[1], "--score"))
-        return score_pairs(argv[2]);
+    if (argc == 3 && (!strcmp(argv[1], "--score") || !strcmp(argv[1], "--similar")))
+        return score_pairs(argv[2], !strcmp(argv[1], "--similar"));
     for (int a = 1; a < argc; a++) {
         recsql_vectors v;
         char err[RECSQL_VECTORS_ERR];

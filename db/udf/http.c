@@ -98,20 +98,24 @@ static size_t on_data(char *ptr, size_t size, size_t nmemb, void *userdata)
     return n;
 }
 
-static struct curl_slist *make_headers(const recsql_endpoint *ep)
+/* The request headers: CSV both ways, no Expect, and the endpoint's target model and the
+ * call's custom attributes when there are any. */
+static struct curl_slist *make_headers(const recsql_endpoint *ep, const char *attributes)
 {
-    static const char *fixed[] = {"Content-Type: text/csv", "Accept: text/csv", "Expect:"};
+    char target[RECSQL_TARGET_MAX + 40], custom[RECSQL_ATTRIBUTES_MAX + 40];
+    const char *lines[5] = {"Content-Type: text/csv", "Accept: text/csv", "Expect:"};
+    size_t n = 3;
+    if (ep->target_model[0]) {
+        snprintf(target, sizeof target, "X-Amzn-SageMaker-Target-Model: %s", ep->target_model);
+        lines[n++] = target;
+    }
+    if (attributes && attributes[0]) {
+        snprintf(custom, sizeof custom, "X-Amzn-SageMaker-Custom-Attributes: %s", attributes);
+        lines[n++] = custom;
+    }
     struct curl_slist *list = NULL, *next;
-    char target[RECSQL_TARGET_MAX + 40];
-    for (size_t i = 0; i <= 3; i++) {
-        const char *line = i < 3 ? fixed[i] : NULL;
-        if (i == 3 && !ep->target_model[0])
-            break;
-        if (i == 3) {
-            snprintf(target, sizeof target, "X-Amzn-SageMaker-Target-Model: %s", ep->target_model);
-            line = target;
-        }
-        next = curl_slist_append(list, line);
+    for (size_t i = 0; i < n; i++) {
+        next = curl_slist_append(list, lines[i]);
         if (!next) {
             curl_slist_free_all(list);
             return NULL;
@@ -146,8 +150,8 @@ static void set_options(CURL *h, const recsql_endpoint *ep, const char *body, si
 #endif
 }
 
-int recsql_http_post(const recsql_endpoint *ep, const char *body, size_t len,
-                     recsql_buf *reply, char *err, int *transport_failure)
+int recsql_http_post(const recsql_endpoint *ep, const char *attributes, const char *body,
+                     size_t len, recsql_buf *reply, char *err, int *transport_failure)
 {
     *transport_failure = 0;
     pthread_once(&global_once, global_init);
@@ -157,7 +161,7 @@ int recsql_http_post(const recsql_endpoint *ep, const char *body, size_t len,
     }
     int index;
     CURL *h = take(ep->url, &index);
-    struct curl_slist *headers = h ? make_headers(ep) : NULL;
+    struct curl_slist *headers = h ? make_headers(ep, attributes) : NULL;
     if (!h || !headers) {
         give(index, h, ep->url);
         snprintf(err, RECSQL_ERR_MAX, "out of memory");

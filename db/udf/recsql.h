@@ -8,6 +8,7 @@
 #define RECSQL_URL_MAX 1024
 #define RECSQL_TARGET_MAX 1024
 #define RECSQL_ERR_MAX 128     /* fits SIGNAL ... MESSAGE_TEXT (128 chars) */
+#define RECSQL_ATTRIBUTES_MAX 64 /* X-Amzn-SageMaker-Custom-Attributes a call sends */
 
 typedef struct {
     char name[RECSQL_NAME_MAX + 1];
@@ -38,9 +39,10 @@ void recsql_log_failure(const char *name, const char *message);
 void recsql_log(const char *level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void recsql_endpoints_free(void);
 
-/* http.c: a process-wide pool of keep-alive libcurl handles. */
-int recsql_http_post(const recsql_endpoint *ep, const char *body, size_t len,
-                     recsql_buf *reply, char *err, int *transport_failure);
+/* http.c: a process-wide pool of keep-alive libcurl handles. `attributes` (NULL: none)
+ * goes as X-Amzn-SageMaker-Custom-Attributes. */
+int recsql_http_post(const recsql_endpoint *ep, const char *attributes, const char *body,
+                     size_t len, recsql_buf *reply, char *err, int *transport_failure);
 void recsql_http_free(void);
 
 /* watch.c: inotify on the files' directories; a new generation = something changed. */

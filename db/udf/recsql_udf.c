@@ -3,6 +3,7 @@
  *
  *   recsql_invoke(endpoint_name, arg1, ..., argN)      RETURNS REAL
  *   recsql_invoke_str(endpoint_name, arg1, ..., argN)  RETURNS STRING
+ *   recsql_similar(endpoint_name, product_a, product_b) RETURNS REAL
  *   recsql_last_error()                                RETURNS STRING
  *   recsql_endpoints_path()                            RETURNS STRING
  *
@@ -17,6 +18,11 @@
  * The statement acquires the file's mapping at its first row and keeps it to
  * its end, so a file replaced meanwhile takes effect at the next statement.
  * An id that is not a 64-bit integer is a failure (NULL, reason recorded).
+ *
+ * recsql_similar asks for the cosine of two products' item vectors instead: over
+ * HTTP the same CSV line with X-Amzn-SageMaker-Custom-Attributes: score=similar,
+ * in-server from the file's item vectors. An unknown product is NULL, whatever
+ * the fallback policy.
  *
  * Failure policy: a call never raises and never aborts the statement (the
  * UDF API has no per-row error: `*error = 1` silently NULLs the rest of the
@@ -50,6 +56,7 @@ typedef struct {
     recsql_buf line, reply;
     char name[RECSQL_NAME_MAX + 1]; /* endpoint name of the current row */
     int logged; /* a failure of this call (statement) was sent to the log */
+    int similar; /* recsql_similar: (product, product) -> cosine */
     /* in-server scoring: the mapping this statement holds, and the name it was for */
     recsql_model *model;
     int borrowed; /* model is the thread's cached reference (models.c) */
@@ -222,9 +229,11 @@ static int score_local(call_state *st, UDF_ARGS *args, double *value)
 {
     char err[RECSQL_ERR_MAX], why[RECSQL_VECTORS_ERR];
     int64_t ids[2];
+    static const char *const names[2][2] = {{"user_id", "product_id"}, {"product_a", "product_b"}};
+    const char *const *name = names[st->similar];
     if (args->arg_count != 3) {
-        snprintf(err, sizeof err, "model '%.40s' scores (user_id, product_id): %u arguments given",
-                 st->model_name, args->arg_count - 1);
+        snprintf(err, sizeof err, "model '%.40s' scores (%s, %s): %u arguments given",
+                 st->model_name, name[0], name[1], args->arg_count - 1);
         return fail(st, st->model_name, err), 0;
     }
     if (!args->args[1] || !args->args[2])
@@ -232,10 +241,11 @@ static int score_local(call_state *st, UDF_ARGS *args, double *value)
     for (unsigned k = 0; k < 2; k++)
         if (!read_id(args, k + 1, &ids[k])) {
             snprintf(err, sizeof err, "model '%.40s': %s is not a 64-bit integer id", st->model_name,
-                     k ? "product_id" : "user_id");
+                     name[k]);
             return fail(st, st->model_name, err), 0;
         }
-    int rc = recsql_vectors_score(st->vectors, ids[0], ids[1], value, why);
+    int rc = st->similar ? recsql_vectors_similar(st->vectors, ids[0], ids[1], value, why)
+                         : recsql_vectors_score(st->vectors, ids[0], ids[1], value, why);
     if (rc < 0) {
         snprintf(err, sizeof err, "model '%.40s': %s", st->model_name, why);
         return fail(st, st->model_name, err), 0;
@@ -311,7 +321,8 @@ static int invoke(call_state *st, UDF_ARGS *args, char **field, size_t *flen)
         snprintf(err, sizeof err, "endpoint '%.40s': arguments longer than %d bytes", name, MAX_LINE);
         return fail(st, name, err), 0;
     }
-    if (recsql_http_post(&ep, st->line.data, st->line.len, &st->reply, err, &transport)) {
+    if (recsql_http_post(&ep, st->similar ? "score=similar" : NULL, st->line.data, st->line.len,
+                         &st->reply, err, &transport)) {
         recsql_endpoint_report(name, transport);
         return fail(st, name, err), 0;
     }
@@ -377,12 +388,12 @@ UDF_EXPORT udf_bool recsql_invoke_init(UDF_INIT *initid, UDF_ARGS *args, char *m
 
 UDF_EXPORT void recsql_invoke_deinit(UDF_INIT *initid) { invoke_deinit(initid); }
 
-UDF_EXPORT double recsql_invoke(UDF_INIT *initid, UDF_ARGS *args, char *is_null, char *error)
+/* recsql_invoke and recsql_similar: the first reply field (or the in-server score) as a REAL. */
+static double invoke_real(UDF_INIT *initid, UDF_ARGS *args, char *is_null)
 {
     call_state *st = (call_state *)initid->ptr;
     char *field, *end, err[RECSQL_ERR_MAX], shown[40];
     size_t n;
-    (void)error;
     *is_null = 1;
     if (is_current_model(st, args)) { /* the hot path: the statement's 2nd row on */
         double value;
@@ -415,6 +426,32 @@ UDF_EXPORT double recsql_invoke(UDF_INIT *initid, UDF_ARGS *args, char *is_null,
         return 0.0; /* NaN/inf have no SQL value: NULL */
     *is_null = 0;
     return value;
+}
+
+UDF_EXPORT double recsql_invoke(UDF_INIT *initid, UDF_ARGS *args, char *is_null, char *error)
+{
+    (void)error;
+    return invoke_real(initid, args, is_null);
+}
+
+UDF_EXPORT udf_bool recsql_similar_init(UDF_INIT *initid, UDF_ARGS *args, char *message)
+{
+    if (args->arg_count != 3) {
+        snprintf(message, 80, "recsql_similar(endpoint_name, product_a, product_b) takes 3 arguments");
+        return 1;
+    }
+    if (invoke_init(initid, args, message, "recsql_similar"))
+        return 1;
+    ((call_state *)initid->ptr)->similar = 1;
+    return 0;
+}
+
+UDF_EXPORT void recsql_similar_deinit(UDF_INIT *initid) { invoke_deinit(initid); }
+
+UDF_EXPORT double recsql_similar(UDF_INIT *initid, UDF_ARGS *args, char *is_null, char *error)
+{
+    (void)error;
+    return invoke_real(initid, args, is_null);
 }
 
 UDF_EXPORT udf_bool recsql_invoke_str_init(UDF_INIT *initid, UDF_ARGS *args, char *message)

@@ -371,3 +371,27 @@ int recsql_vectors_score(const recsql_vectors *v, int64_t user_id, int64_t item_
     *score = value;
     return 1;
 }
+
+int recsql_vectors_similar(const recsql_vectors *v, int64_t item_a, int64_t item_b, double *score,
+                           char err[RECSQL_VECTORS_ERR])
+{
+    const recsql_id_index *it = &v->items;
+    uint64_t ha = home_slot(it, item_a), hb = home_slot(it, item_b);
+    __builtin_prefetch(it->slots + 2 * ha);
+    __builtin_prefetch(it->slots + 2 * hb);
+    int64_t a = find_row(it, item_a, ha), b = find_row(it, item_b, hb);
+    if (a == -2 || b == -2)
+        return fail(err, "vectors file: corrupt item index");
+    if (a < 0 || b < 0)
+        return 0;
+    const float *x = v->item_vectors + (size_t)a * v->dim, *y = v->item_vectors + (size_t)b * v->dim;
+    prefetch_row(x, v->dim);
+    prefetch_row(y, v->dim);
+    /* in double, rounded once: numpy's float64 dot and norms, to an ulp of float32 */
+    double norms = sqrt(dot(x, x, v->dim)) * sqrt(dot(y, y, v->dim));
+    double cosine = norms > 0 ? dot(x, y, v->dim) / norms : 0.0;
+    if (isnan(cosine))
+        return 0;
+    *score = (float)(cosine > 1.0 ? 1.0 : cosine < -1.0 ? -1.0 : cosine);
+    return 1;
+}

@@ -24,7 +24,8 @@
  *       6 bonus offsets u64[num_users + 1] (flag bit 1, else empty),
  *       7 bonus entries {i32 item row, f32 value}[num_bonus] (flag bit 1, else empty).
  * Scores: logit = user . item + bonus; a probability model then scores
- * exp(min(logit - log normalizer, 0)), the others the logit. bonus(u, i) is the value of
+ * exp(min(logit - log normalizer, 0)), the others the logit. The similarity of two
+ * products is the cosine of their item vectors (0 when either is zero). bonus(u, i) is the value of
  * the entry of row i among user row u's entries [offsets[u], offsets[u + 1]), which are
  * sorted by item row (one binary search), and 0 when there is none or no bonus.
  * An id index is an open-addressing hash table with linear probing: an id's
@@ -86,5 +87,11 @@ void recsql_vectors_close(recsql_vectors *v);
  * -1: the file is corrupt (reason in err). */
 int recsql_vectors_score(const recsql_vectors *v, int64_t user_id, int64_t item_id, double *score,
                          char err[RECSQL_VECTORS_ERR]);
+
+/* The cosine of two products' item vectors, as Recommender.similarity computes it.
+ * 1: *score is set; 0: SQL NULL (an unknown product, whatever the fallback policy);
+ * -1: the file is corrupt (reason in err). */
+int recsql_vectors_similar(const recsql_vectors *v, int64_t item_a, int64_t item_b, double *score,
+                           char err[RECSQL_VECTORS_ERR]);
 
 #endif

@@ -15,7 +15,7 @@ from db.aurora import (
     cluster_family,
     setup_aurora_cluster,
 )
-from db.functions import WILL_PURCHASE, Argument, SqlFunction
+from db.functions import SIMILAR_SCORE, WILL_PURCHASE, Argument, SqlFunction
 from model.errors import BadRequest, DataError
 
 
@@ -73,6 +73,17 @@ def test_install_script() -> None:
         "USE `shop`;\n\nDROP FUNCTION IF EXISTS will_purchase;\nCREATE FUNCTION"
     )
     assert "ENDPOINT NAME 'recsql'" in script and script.endswith("TO 'app'@'%';\n")
+
+
+def test_similar_score_has_no_aurora_form() -> None:
+    """Aurora sends no X-Amzn-SageMaker-Custom-Attributes, so it cannot ask for score=similar:
+    the DDL is refused with the reason, and the default script says so and grants nothing."""
+    with pytest.raises(DataError, match="similar_score: not available on Aurora"):
+        aurora_function_ddl(SIMILAR_SCORE)
+    script = aurora_install_script("shop", user="app")
+    assert "-- similar_score: not available on Aurora" in script
+    assert "CREATE FUNCTION similar_score" not in script and "`similar_score`" not in script
+    assert script.count("CREATE FUNCTION") == 1
 
 
 def test_cluster_family() -> None:

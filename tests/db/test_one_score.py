@@ -1,10 +1,11 @@
 """One score, every path: a trained history model gives a (user, product) the same number
 from `/invocations` pairs (CSV and JSON), top-K, batch transform, DuckDB, MariaDB over HTTP
 and MariaDB in-server, repeat term included (relative error <= 1e-5; replies carry 7
-significant digits)."""
+significant digits). The same holds for two products' similarity (`similar_score`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -16,8 +17,17 @@ import numpy as np
 import pytest
 
 from db.duckdb_udf import install_duckdb_functions
+from db.functions import SIMILAR_SCORE
 from db.load import mysql_connect
-from db.mysql_udf import Endpoint, Vectors, build_udf, install_udf, write_allow_list
+from db.mysql_udf import (
+    Endpoint,
+    Vectors,
+    build_udf,
+    create_functions,
+    drop_functions,
+    install_udf,
+    write_allow_list,
+)
 from db.vectors import write_vectors
 from model import load_model
 from tests.serve.conftest import running
@@ -148,3 +158,94 @@ def test_every_path_gives_the_same_score(model_dir, mysql_url, tmp_path) -> None
     # batch transform: the container as SageMaker runs it, MultiRecord CSV bodies
     with running(["--model-dir", str(model_dir)], tmp_path, {"SAGEMAKER_BATCH": "true"}) as srv:
         same(csv_scores(srv.post("/invocations", body).text), want)
+
+
+def product_pairs(rec) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of known products (a product with itself among them), and unknown ones."""
+    ids = rec.items.sorted_ids
+    a = np.repeat(ids[::5], 4)
+    b = ids[(np.arange(len(a)) * 7) % len(ids)]
+    b[0] = a[0]
+    return np.append(a, [1, int(ids[0]), 2]), np.append(b, [int(ids[1]), 5, 3])
+
+
+def values_table(columns: dict[str, np.ndarray]) -> str:
+    """A derived table of the columns, with k keeping the order (MariaDB and DuckDB)."""
+    rows = zip(*(c.tolist() for c in columns.values()), strict=True)
+    return " UNION ALL ".join(
+        "SELECT "
+        + ", ".join([f"{k} AS k", *(f"{v} AS {n}" for n, v in zip(columns, row, strict=True))])
+        for k, row in enumerate(rows)
+    )
+
+
+def test_similar_score_is_the_same_on_every_path(model_dir, mysql_url, tmp_path) -> None:
+    """similar_score(a, b): the cosine of the item tower's outputs, from the model, the
+    endpoint (pairs with score=similar, and similar_to's top-K), DuckDB, MariaDB over HTTP
+    and in-server (whose file's fallback policy does not apply: an unknown product is NULL),
+    and ORDER BY similar_score(q, p) DESC LIMIT 10 ranks as similar_to does."""
+    rec = load_model(model_dir)
+    a, b = product_pairs(rec)
+    want = rec.similarity(a, b).astype(np.float64)
+    assert np.isnan(want[-3:]).all() and not np.isnan(want[:-3]).any()
+    known = want[:-3]
+    assert known[0] == pytest.approx(1.0) and 0.0 <= known.min() < 0.99 and known.max() <= 1.0
+    body = "".join(f"{x},{y}\n" for x, y in zip(a.tolist(), b.tolist(), strict=True))
+    query, products = int(a[0]), rec.items.sorted_ids
+    expect_top = rec.top_similar(np.array([query]), 10)[0].tolist()
+    table = values_table({"a": a, "b": b})
+
+    with running(["--model-dir", str(model_dir), "--workers", "2"], tmp_path) as srv:
+        reply = srv.post(
+            "/invocations",
+            body,
+            "text/csv",
+            **{"X-Amzn-SageMaker-Custom-Attributes": "score=similar"},
+        )
+        same(csv_scores(reply.text), want)
+        top = srv.post(
+            "/invocations", json.dumps({"similar_to": [query], "top_k": 10}), "application/json"
+        ).json()["predictions"][0]
+        assert top["product_ids"] == expect_top
+        same(np.array(top["scores"]), rec.similarity(np.full(10, query), np.array(expect_top)))
+
+        duck = duckdb.connect()
+        install_duckdb_functions(duck, {"recsql": srv.url}, [SIMILAR_SCORE])
+        rows = duck.execute(f"SELECT similar_score(a, b) FROM ({table}) t ORDER BY k").fetchall()
+        same(np.array([np.nan if r[0] is None else r[0] for r in rows]), want)
+
+        conn = mysql_connect(mysql_url)
+        vec_dir = Path(tempfile.mkdtemp(prefix="recsql-vec-"))
+        vec_dir.chmod(0o755)
+        http_name, vec_name = (f"rsim-{uuid.uuid4().hex[:8]}" for _ in range(2))
+        write_vectors(rec, vec_dir / "model.vectors", fallback="popularity")
+        allow = install_udf(
+            conn,
+            {http_name: Endpoint(srv.url), vec_name: Vectors(vec_dir / "model.vectors")},
+            [],
+            so_path=build_udf(),
+        )
+        fn = dataclasses.replace(SIMILAR_SCORE, name=f"similar_{vec_name[5:]}", endpoint=vec_name)
+        create_functions(conn, [fn], strict=False)
+        try:
+            for name in (http_name, vec_name):
+                with conn.cursor() as cur:
+                    cur.execute(
+                        f"SELECT recsql_similar(%s, a, b) FROM ({table}) t ORDER BY k", (name,)
+                    )
+                    got = [r[0] for r in cur.fetchall()]
+                    same(np.array([np.nan if v is None else float(v) for v in got]), want)
+                    cur.execute("SELECT recsql_similar(%s, NULL, %s)", (name, query))
+                    assert cur.fetchone()[0] is None
+            with conn.cursor() as cur:
+                cur.execute(
+                    f"SELECT p FROM ({values_table({'p': products})}) t WHERE p <> %s"
+                    f" ORDER BY {fn.name}(%s, p) DESC LIMIT 10",
+                    (query, query),
+                )
+                assert [r[0] for r in cur.fetchall()] == expect_top
+        finally:
+            drop_functions(conn, [fn])
+            write_allow_list(allow, {}, remove=[http_name, vec_name])
+            conn.close()
+            shutil.rmtree(vec_dir, ignore_errors=True)

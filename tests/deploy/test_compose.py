@@ -204,7 +204,12 @@ def test_init_sql_runs_in_the_mariadb_client() -> None:
     try:
         sql("", db, stdin=script)
         names = sql(f"SELECT name FROM mysql.proc WHERE db = '{db}' ORDER BY name").split()
-        assert names == ["will_purchase", "will_purchase_strict"]
+        assert names == [
+            "similar_score",
+            "similar_score_strict",
+            "will_purchase",
+            "will_purchase_strict",
+        ]
         if "recsql_invoke" in registered:
             assert sql("SELECT will_purchase(NULL, NULL)", db).strip() == "NULL"
     finally:

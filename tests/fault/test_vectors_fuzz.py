@@ -173,11 +173,14 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-def _score(driver: Path, path: Path, users: np.ndarray, items: np.ndarray) -> list[str]:
-    """The driver's answer per pair: a score (%.9g), NULL or ERR <reason>."""
+def _score(
+    driver: Path, path: Path, users: np.ndarray, items: np.ndarray, mode: str = "--score"
+) -> list[str]:
+    """The driver's answer per pair: a score (%.9g), NULL or ERR <reason>; mode --similar:
+    the pairs are two products, scored by their cosine."""
     pairs = "".join(f"{u} {i}\n" for u, i in zip(users.tolist(), items.tolist(), strict=True))
     proc = subprocess.run(
-        [str(driver), "--score", str(path)], input=pairs, capture_output=True, text=True, timeout=60
+        [str(driver), mode, str(path)], input=pairs, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.splitlines()
@@ -218,6 +221,25 @@ def test_reader_adds_the_bonus_as_the_model_does(driver: Path, tmp_path: Path, s
     u_rows, i_rows = rec.users.rows(users[named]), rec.items.rows(items[named])
     assert named.sum() == len(rec.bonus.items)  # each entry changes its pair's score
     assert np.all(rec.bonus.lookup(u_rows, i_rows) != 0)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_reader_similarity_is_the_models_cosine(driver: Path, tmp_path: Path, version) -> None:
+    """Every pair of products scores as Recommender.similarity (a zero vector: 0); an
+    unknown product is NULL whatever the file's fallback policy; version 1 files too."""
+    rec = _small_recommender(True, True)
+    rec.item_vectors[4] = 0.0
+    data = write_vectors(rec, tmp_path / "v2.vectors", "popularity").path.read_bytes()
+    path = _write(tmp_path / "model.vectors", _as_version_1(data) if version == 1 else data)
+    ids = np.append(rec.items.sorted_ids, 99)
+    a, b = np.repeat(ids, len(ids)), np.tile(ids, len(ids))
+    got = _as_floats(_score(driver, path, a, b, "--similar"))
+    want = rec.similarity(a, b).astype(np.float64)
+    assert (
+        np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(want).sum() == 2 * len(ids) - 1
+    )
+    np.testing.assert_allclose(got[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-6, atol=1e-7)
+    assert (got[a == ids[4]] == 0).sum() == len(ids) - 1
 
 
 def test_version_1_files_still_score(driver: Path, tmp_path: Path) -> None:

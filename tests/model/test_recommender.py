@@ -201,3 +201,58 @@ def test_describe() -> None:
     d = rec.describe()
     assert (d["num_users"], d["num_items"], d["num_emb"]) == (3, 5, 3)
     assert d["source"] == "test" and "secret" not in d
+
+
+# --- similar products -------------------------------------------------------------------------
+
+
+def similar_recommender(seed: int = 3) -> Recommender:
+    """40 products with ReLU-like item vectors, one of them all zero."""
+    rng = np.random.default_rng(seed)
+    items = np.maximum(rng.normal(size=(40, 6)), 0).astype(np.float32)
+    items[5] = 0.0
+    return Recommender(
+        user_vectors=np.ones((1, 6), np.float32),
+        item_vectors=items,
+        users=IdIndex(np.array([1])),
+        items=IdIndex(np.arange(40) * 10 + 1000),
+    )
+
+
+def loop_cosine(rec: Recommender, a: int, b: int) -> float:
+    """The cosine of two products' item vectors, one float at a time."""
+    x, y = (rec.item_vectors[(p - 1000) // 10].tolist() for p in (a, b))
+    dot = sum(u * v for u, v in zip(x, y, strict=True))
+    norms = sum(u * u for u in x) ** 0.5 * sum(v * v for v in y) ** 0.5
+    return dot / norms if norms else 0.0
+
+
+def test_similarity_is_the_cosine_of_item_vectors() -> None:
+    rec = similar_recommender()
+    ids = rec.items.sorted_ids
+    a, b = np.repeat(ids, len(ids)), np.tile(ids, len(ids))
+    got = rec.similarity(a, b)
+    want = [loop_cosine(rec, x, y) for x, y in zip(a.tolist(), b.tolist(), strict=True)]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert got.min() >= 0.0 and got.max() <= 1.0  # ReLU outputs: no negative cosine
+    assert rec.similarity(np.array([1050]), np.array([1050]))[0] == 0.0  # zero vector
+    np.testing.assert_allclose(rec.similarity(ids[:1], ids[:1]), [1.0], rtol=1e-7)
+    unknown = rec.similarity(np.array([1000, 7, 7]), np.array([8, 1010, 9]))
+    assert np.isnan(unknown).all()
+
+
+def test_top_similar_ranks_by_mean_cosine_without_the_query() -> None:
+    rec = similar_recommender()
+    ids = rec.items.sorted_ids.tolist()
+    query = [1000, 1130, 1130, 999]  # a repeat and an unknown id: skipped
+    mean = {p: np.mean([loop_cosine(rec, q, p) for q in (1000, 1130)]) for p in ids}
+    best = sorted((p for p in ids if p not in (1000, 1130)), key=lambda p: -mean[p])
+    got, scores = rec.top_similar(np.array(query), 5)
+    assert got.tolist() == best[:5]
+    np.testing.assert_allclose(scores, [mean[p] for p in best[:5]], rtol=1e-5)
+
+    candidates = np.array([1000, 1200, 1210, 1220, 1230, 5])
+    got, _ = rec.top_similar(np.array([1000]), 10, candidates, exclude=np.array([1210]))
+    assert sorted(got.tolist()) == [1200, 1220, 1230]  # the query itself never comes back
+    assert rec.top_similar(np.array([7, 8]), 5) is None

@@ -215,6 +215,19 @@ def test_output_option_is_checked(dataplane, model_dir, bank_rows):
         recommender.invoke(Invocation(b"1,2\n", "text/csv", custom_attributes="output=label"))
 
 
+def test_similar_products_are_refused_in_one_line(dataplane, bank_rows):
+    from model.errors import BadRequest
+
+    doc = json.dumps({"similar_to": [1, 2], "top_k": 3}).encode()
+    for invocation in (
+        Invocation(doc, "application/json"),
+        Invocation(csv_body(bank_rows), "text/csv", custom_attributes="score=similar"),
+    ):
+        with pytest.raises(BadRequest, match="this is a tabular model") as raised:
+            dataplane.invoke(invocation)
+        assert raised.value.status == 400 and "\n" not in str(raised.value)
+
+
 def test_env_default_and_per_request_override_over_http(tmp_path, bank_dir, label_rows):
     labels, probs = expected_labels(bank_dir, label_rows)
     env = {"RECSQL_TABULAR_OUTPUT": "label"}

@@ -6,6 +6,7 @@
 
 CREATE FUNCTION IF NOT EXISTS recsql_invoke RETURNS REAL SONAME 'recsql_udf.so';
 CREATE FUNCTION IF NOT EXISTS recsql_invoke_str RETURNS STRING SONAME 'recsql_udf.so';
+CREATE FUNCTION IF NOT EXISTS recsql_similar RETURNS REAL SONAME 'recsql_udf.so';
 CREATE FUNCTION IF NOT EXISTS recsql_last_error RETURNS STRING SONAME 'recsql_udf.so';
 CREATE FUNCTION IF NOT EXISTS recsql_endpoints_path RETURNS STRING SONAME 'recsql_udf.so';
 
@@ -20,6 +21,23 @@ CREATE FUNCTION `will_purchase_strict`(`user_id` BIGINT, `product_id` BIGINT) RE
   COMMENT 'MFBlock score of a (user, product) pair; NULL when either id is unknown. [recsql; raises on endpoint failure]'
 BEGIN
   DECLARE recsql_result FLOAT DEFAULT recsql_invoke('recsql', `user_id`, `product_id`);
+  DECLARE recsql_failure VARCHAR(128) DEFAULT recsql_last_error();
+  IF recsql_failure IS NOT NULL THEN
+    SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = recsql_failure;
+  END IF;
+  RETURN recsql_result;
+END //
+
+CREATE FUNCTION `similar_score`(`product_a` BIGINT, `product_b` BIGINT) RETURNS FLOAT
+  NOT DETERMINISTIC NO SQL
+  COMMENT 'Cosine of two products'' MFBlock item vectors (0..1); NULL when either is unknown. [recsql; NULL on endpoint failure]'
+  RETURN recsql_similar('recsql', `product_a`, `product_b`) //
+
+CREATE FUNCTION `similar_score_strict`(`product_a` BIGINT, `product_b` BIGINT) RETURNS FLOAT
+  NOT DETERMINISTIC NO SQL
+  COMMENT 'Cosine of two products'' MFBlock item vectors (0..1); NULL when either is unknown. [recsql; raises on endpoint failure]'
+BEGIN
+  DECLARE recsql_result FLOAT DEFAULT recsql_similar('recsql', `product_a`, `product_b`);
   DECLARE recsql_failure VARCHAR(128) DEFAULT recsql_last_error();
   IF recsql_failure IS NOT NULL THEN
     SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = recsql_failure;
