@@ -20,10 +20,13 @@ demo: $(STAMP)
 	if [ -n "$${RECSQL_MYSQL_URL:-}" ]; then bash scripts/setup-services.sh; fi
 	$(BIN)/recsql demo
 
-# libcurl headers and MariaDB (127.0.0.1:3306, database `test`) first: scripts/setup-services.sh
+# libcurl headers, MariaDB (127.0.0.1:3306, database `test`) and Redis (127.0.0.1:6379)
+# first: scripts/setup-services.sh
 test: $(STAMP)
 	bash scripts/setup-services.sh
-	RECSQL_TEST_MYSQL_URL=$${RECSQL_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/test} $(BIN)/python -m pytest -q
+	RECSQL_TEST_MYSQL_URL=$${RECSQL_TEST_MYSQL_URL:-mysql://root@127.0.0.1:3306/test} \
+	RECSQL_TEST_REDIS_URL=$${RECSQL_TEST_REDIS_URL:-redis://127.0.0.1:6379/0} \
+	$(BIN)/python -m pytest -q
 
 # Every Dockerfile target built with podman on Debian stand-in bases, run as SageMaker
 # runs it, and the compose stack end to end (~10 min cold; see scripts/image-test.sh).

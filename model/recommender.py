@@ -180,6 +180,7 @@ class Recommender:
     user_log_normalizer: np.ndarray | None = None
     history: HistoryModel | None = None  # history models: reads a user from their events
     bonus: Bonus | None = None  # history models: the repeat term of each user row's products
+    events: RecentEvents | None = None  # history models: each user row's events as of training
 
     kind = "mfblock"
 
@@ -213,7 +214,7 @@ class Recommender:
                 repeat,
             )
             user_vectors = history.user_vectors(events)  # already divided by the temperature
-            kwargs.update(history=history, bonus=repeat.bonus(events))
+            kwargs.update(history=history, bonus=repeat.bonus(events), events=events)
         else:
             user_vectors = relu_tower(
                 weights["user_embeddings.weight"],
@@ -418,6 +419,60 @@ class Recommender:
                 logits[touched[0]] += touched[1]
                 normalizer = _logsumexp(logits)
             out.append(FoldIn(vector, normalizer, known, touched))
+        return out
+
+    def read_fresh(self, user_ids: np.ndarray, fresh: RecentEvents) -> dict[int, FoldIn]:
+        """The users of `fresh` (row r is user id user_ids[r]; product rows, -1 unknown, in
+        time order) as the model reads them once those events are added, for the users whose
+        reading changes. History models: a known user from their events as of training
+        followed by the fresh ones (in time order, ties: training's first; the last
+        `recent_events`), a user the model does not know from the fresh ones alone. Models
+        with a per-user embedding: a known user keeps their row (the events do not move a
+        trained embedding), an unknown one is folded in. Users none of whose events name a
+        product the model knows are left out."""
+        user_ids = np.asarray(user_ids, np.int64)
+        rows = self.users.rows(user_ids)
+        if self.history is None or self.events is None:
+            unknown = np.flatnonzero(rows < 0)
+            if not len(unknown):
+                return {}
+            reads = self.read_users(fresh.subset(unknown))
+            return {
+                int(user_ids[u]): read
+                for u, read in zip(unknown, reads, strict=True)
+                if read is not None
+            }
+        known = np.flatnonzero(rows >= 0)
+        stored = self.events.subset(rows[known])
+        users = np.concatenate([known[stored.user_rows()], fresh.user_rows()])
+        times = np.concatenate([stored.times, fresh.times])
+        order = np.lexsort((np.arange(len(users)), times, users))  # stable: training's first
+        merged = RecentEvents.build(
+            users[order],
+            np.concatenate([stored.items, fresh.items])[order],
+            np.concatenate([stored.types, fresh.types])[order],
+            times[order],
+            len(user_ids),
+            self.recent_events,
+        )
+        reads = self.read_users(merged)
+        return {int(user_ids[u]): read for u, read in enumerate(reads) if read is not None}
+
+    def score_read(self, user: FoldIn, item_rows: np.ndarray) -> np.ndarray:
+        """Scores of one user read from events (`read_users`, `read_fresh`) for product rows
+        (-1: unknown, NaN), as `score_rows` scores a user row: the dot product, the repeat
+        term's bonus, the probability."""
+        item_rows = np.asarray(item_rows, np.int64)
+        ok = item_rows >= 0
+        out = np.full(item_rows.shape, np.nan, np.float32)
+        logits = self.item_vectors[item_rows[ok]] @ user.vector
+        if user.bonus is not None and len(user.bonus[0]):
+            touched, values = user.bonus
+            at = np.minimum(np.searchsorted(touched, item_rows[ok]), len(touched) - 1)
+            logits += np.where(touched[at] == item_rows[ok], values[at], 0.0).astype(np.float32)
+        if user.log_normalizer is not None:
+            logits = self._to_probability(logits, user.log_normalizer)
+        out[ok] = logits
         return out
 
     def fold_in(self, product_ids: np.ndarray, steps: int = FOLD_IN_STEPS) -> FoldIn | None:

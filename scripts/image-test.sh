@@ -28,6 +28,7 @@ export CONTAINERS_CONF="$home/containers.conf"
 prefix=recsql-it
 py_base=localhost/recsql-standin-python:bookworm
 db_base=localhost/recsql-standin-mariadb:bookworm
+redis_base=localhost/recsql-standin-redis:bookworm
 app_image=localhost/$prefix:sagemaker
 local_image=localhost/$prefix:local
 db_image=localhost/$prefix-mariadb:latest
@@ -147,9 +148,19 @@ mariadb_base() {
     rm -f "$tar"
 }
 
+redis_base() {
+    # Redis 7 from Debian, run as compose runs redis:7.2-alpine (its command line is in
+    # docker-compose.yml)
+    local tar=$home/redis-base.tar
+    debootstrap_to "$tar" redis-server || return 1
+    podman import --quiet --change 'CMD ["redis-server"]' --change 'EXPOSE 6379' \
+        --change "LABEL recsql.standin=$(standin_hash redis_base)" "$tar" "$redis_base" >/dev/null || return 1
+    rm -f "$tar"
+}
+
 bases() {
     local made name image
-    for made in python_base:$py_base mariadb_base:$db_base; do
+    for made in python_base:$py_base mariadb_base:$db_base redis_base:$redis_base; do
         name=${made%%:*} image=${made#*:}
         if [ "$(image_label "$image" recsql.standin)" = "$(standin_hash "$name")" ]; then
             say "stand-in $image is up to date"
@@ -412,7 +423,7 @@ compose_test() {
     # (docker-compose.yml keeps both for Docker Compose), so the services start one by
     # one here, each after the condition it waits for holds.
     http_port=$(free_port) db_port=$(free_port)
-    export RECSQL_HTTP_PORT=$http_port RECSQL_MARIADB_PORT=$db_port
+    export RECSQL_HTTP_PORT=$http_port RECSQL_MARIADB_PORT=$db_port RECSQL_REDIS_IMAGE=$redis_base
     # The images compose names, built above.
     podman tag "$local_image" localhost/recsql:local
     podman tag "$db_image" localhost/recsql-mariadb:local
@@ -429,8 +440,13 @@ compose_test() {
         say "$service's last log line: $(podman logs --tail 1 "$c" 2>&1 | tail -1)"
     done
     figure "compose: events + trainer (200k events, 3 epochs)" "$(since "$t0")"
+    compose up -d --no-deps --no-build redis >/dev/null 2>&1
+    check "compose: redis becomes healthy" wait_healthy "$(service_container redis)" 60
     compose up -d --no-deps --no-build server >/dev/null 2>&1
     check "compose: server becomes healthy" wait_healthy "$(service_container server)" 180
+    out=$(curl -s -H 'Content-Type: application/json' -d '{"events": [{"session_id": 7, "product_id": 1}]}' \
+        "http://127.0.0.1:$http_port/invocations" 2>&1 || true)
+    check "compose: the server keeps fresh events in the redis service ($out)" grep -q '"taken": *1' <<<"$out"
     compose up -d --no-deps --no-build mariadb >/dev/null 2>&1
     check "compose: mariadb becomes healthy (first start ran the init scripts)" \
         wait_healthy "$(service_container mariadb)" 180

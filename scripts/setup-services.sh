@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What `make test` (and `make demo` on MySQL) needs outside the venv, set up when missing:
 #   - libcurl's headers, which the MariaDB/MySQL loadable function (db/udf) builds against;
-#   - MariaDB on 127.0.0.1:3306 (root, empty password) with the database `test`.
+#   - MariaDB on 127.0.0.1:3306 (root, empty password) with the database `test`;
+#   - Redis on 127.0.0.1:6379 (package redis-server), for the fresh-event store's tests.
 # Installs with apt-get when root; otherwise says which package or command is missing.
 set -euo pipefail
 
@@ -22,6 +23,28 @@ if ! have_curl_headers; then
         exit 1
     fi
 fi
+
+redis_ping() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = PONG ]; }
+
+if [ -z "${RECSQL_TEST_REDIS_URL:-}" ] || [ "${RECSQL_TEST_REDIS_URL}" = "redis://127.0.0.1:6379/0" ]; then
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            say "installing redis-server"
+            (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null ||
+                { say "apt-get install redis-server failed"; exit 1; }
+        else
+            say "no Redis here: install redis-server, or set RECSQL_TEST_REDIS_URL to a server"
+            exit 1
+        fi
+    fi
+    if ! redis_ping; then
+        # Tests only: nothing saved to disk; each test uses a key prefix of its own.
+        say "starting Redis"
+        redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --daemonize yes >/dev/null
+        for _ in $(seq 1 30); do redis_ping && break; sleep 0.2; done
+        redis_ping || { say "Redis did not answer on 127.0.0.1:6379"; exit 1; }
+    fi
+fi  # otherwise the caller chose another server: theirs to run
 
 mysql_ping() { mariadb-admin -uroot --protocol=tcp -h127.0.0.1 ping >/dev/null 2>&1; }
 

@@ -114,6 +114,11 @@ def create_app(dataplane: DataPlane) -> Flask:
         target = request.headers.get("X-Amzn-SageMaker-Target-Model")
         return _invoke(name if dataplane.registry.has(name) else target)
 
+    @app.post("/events")
+    def events() -> Response:
+        body = _read_body(config.max_payload_bytes)
+        return _json(dataplane.post_events(body, request.headers.get("Content-Type")))
+
     def _multi_model() -> None:
         if not config.multi_model:
             raise ModelNotFound(

@@ -45,6 +45,7 @@ _BODY_PARAMS = (
     "history",
     "similar_to",
     "score",
+    "events",
 )
 
 

@@ -52,6 +52,11 @@ class ServeConfig:
     log_level: str = "INFO"
     log_format: str = "text"  # "json": one JSON object a line (serve/logs.py)
     log_every: int = 1  # one request line per this many successful invocations (errors: all)
+    # fresh events (serve/events.py): None = SQLite under state_dir; "off"; sqlite:///..., redis://
+    events_url: str | None = None
+    events_keep: int = 200  # last events kept per user (the history models' recent_events)
+    events_ttl: int = 30 * 86400  # seconds a user is kept after their latest event
+    events_prefix: str = "recsql:events:"  # Redis key prefix
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACK_POLICIES:
@@ -67,6 +72,14 @@ class ServeConfig:
             raise RecsqlError(f"log format {self.log_format!r} unknown; use {choices}")
         if self.log_every < 1:
             raise RecsqlError(f"log_every must be >= 1, not {self.log_every}")
+        if self.events_keep < 1 or self.events_ttl < 1:
+            raise RecsqlError("RECSQL_EVENTS_KEEP and RECSQL_EVENTS_TTL must be >= 1")
+        if self.events_url is not None and self.events_url != "off":
+            scheme = self.events_url.partition("://")[0]
+            if scheme not in ("sqlite", "redis", "rediss", "unix"):
+                raise RecsqlError(
+                    "RECSQL_EVENTS_URL must be off, sqlite:///path or redis://host:port/db"
+                )
         if self.max_payload_bytes < 1:
             raise RecsqlError("the payload limit must be positive")
 
@@ -146,6 +159,10 @@ def from_env(
         ),
         "log_format": (env.get("RECSQL_LOG_FORMAT") or "text").strip().lower(),
         "log_every": _int(env, "RECSQL_LOG_EVERY", 1),
+        "events_url": env.get("RECSQL_EVENTS_URL") or None,
+        "events_keep": _int(env, "RECSQL_EVENTS_KEEP", 200),
+        "events_ttl": _int(env, "RECSQL_EVENTS_TTL", 30 * 86400),
+        "events_prefix": env.get("RECSQL_EVENTS_PREFIX") or "recsql:events:",
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     return ServeConfig(**values)

@@ -7,18 +7,21 @@ inference path: pick the model, decode -> predict -> encode, count, log.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from model.errors import BadRequest, PayloadTooLarge, RecsqlError
 from serve import codecs
 from serve.config import MB, TABULAR_OUTPUTS, ServeConfig
+from serve.events import FreshEvents
 from serve.metrics import Metrics
 from serve.models import MAX_TOP_K, SCORES, Options, TabularServable
-from serve.records import Prediction
+from serve.records import ColumnTable, Payload, Prediction
 from serve.registry import ModelRegistry
 from serve.scripts import ScriptModel
 
@@ -102,6 +105,9 @@ class DataPlane:
         self.registry = registry or ModelRegistry(config)
         self.metrics = metrics or Metrics(None)
         self._requests = itertools.count()  # this worker's invocations, for log_every
+        self.events = FreshEvents(
+            _events_url(config), config.events_keep, config.events_ttl, config.events_prefix
+        )
 
     # ------------------------------------------------------------ health
 
@@ -134,6 +140,7 @@ class DataPlane:
             output=_output(params.get("output") or attributes.get("output"), tabular, self.config),
             similar_to=params.get("similar_to"),
             score=_score(params.get("score") or attributes.get("score")),
+            fresh_events=self.events.lookup if self.events.enabled else None,
         )
 
     def invoke(self, request: Invocation) -> Reply:
@@ -160,10 +167,17 @@ class DataPlane:
                 reply = Reply(body, content_type)
             else:
                 payload = codecs.decode(request.body, request.content_type)
-                options = self.options(attributes, payload.params, _is_tabular(model))
-                prediction = model.predict(payload, options)
-                rows, null = len(prediction), prediction.counts.get("null", 0)
-                reply = Reply(codecs.encode(prediction, accept), accept, _count_headers(prediction))
+                if "events" in payload.params:
+                    taken = self.take_events(payload)
+                    rows = taken["taken"]
+                    reply = Reply(json.dumps(taken).encode(), codecs.JSON)
+                else:
+                    options = self.options(attributes, payload.params, _is_tabular(model))
+                    prediction = model.predict(payload, options)
+                    rows, null = len(prediction), prediction.counts.get("null", 0)
+                    reply = Reply(
+                        codecs.encode(prediction, accept), accept, _count_headers(prediction)
+                    )
             status = 200
             return reply
         except RecsqlError as exc:
@@ -182,6 +196,21 @@ class DataPlane:
                     seconds * 1e3,
                     request.inference_id or "-",
                 )
+
+    def post_events(self, body: bytes, content_type: str | None) -> dict[str, int]:
+        """POST /events: the `events` body /invocations also takes."""
+        payload = codecs.decode(body, content_type)
+        if "events" not in payload.params:
+            raise BadRequest('POST /events takes {"events": [{"user_id": ..., ...}, ...]}')
+        return self.take_events(payload)
+
+    def take_events(self, payload: Payload) -> dict[str, int]:
+        """`{"events": [...]}`: store them all, or none (400 naming each bad entry, 503 when
+        the store is down); {"taken": events, "users": users}."""
+        table = payload.table
+        if len(payload.params) > 1 or (isinstance(table, ColumnTable) and table.named):
+            raise BadRequest('send "events" alone: {"events": [{"user_id": ..., ...}, ...]}')
+        return self.events.take(payload.params["events"])
 
     def _accept(self, request: Invocation, model: object) -> str:
         if isinstance(model, ScriptModel):
@@ -224,6 +253,18 @@ class DataPlane:
     def unload_model(self, name: str) -> dict[str, Any]:
         self.registry.remove(name)
         return {"status": f"model {name!r} unloaded"}
+
+
+def _events_url(config: ServeConfig) -> str | None:
+    """The event store: RECSQL_EVENTS_URL, else a SQLite file under the state dir the
+    workers share, else (no state dir: one process) SQLite in memory; None when off."""
+    if config.events_url == "off":
+        return None
+    if config.events_url:
+        return config.events_url
+    if config.state_dir is not None:
+        return f"sqlite://{Path(config.state_dir).resolve() / 'events.sqlite'}"
+    return "sqlite://"
 
 
 def _count_headers(prediction: Prediction) -> dict[str, str]:

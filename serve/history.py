@@ -41,7 +41,7 @@ def parse_histories(value: Any, product_rows: Any, keep: int | None) -> RecentEv
         where = f"history {user + 1}" if len(lists) > 1 else "history"
         if not entries:
             raise BadRequest(f"{where} is empty: give at least one event")
-        parsed = [_entry(entry, f"{where}, entry {n + 1}") for n, entry in enumerate(entries)]
+        parsed = [parse_event(entry, f"{where}, entry {n + 1}") for n, entry in enumerate(entries)]
         timed = [t is not None for _, _, t in parsed]
         if any(timed) and not all(timed):
             raise BadRequest(f"{where}: give event_time on every event or on none")
@@ -62,9 +62,10 @@ def parse_histories(value: Any, product_rows: Any, keep: int | None) -> RecentEv
     )
 
 
-def _entry(entry: Any, where: str) -> tuple[int, int, int | None]:
-    """(product id, event type code, epoch seconds or None) of one history entry."""
-    if _is_id(entry):
+def parse_event(entry: Any, where: str) -> tuple[int, int, int | None]:
+    """(product id, event type code, epoch seconds or None) of one history entry (also an
+    `events` entry's product, serve/events.py); `where` names it in the 400."""
+    if is_id(entry):
         return entry, TYPE_CODES["view"], None
     if not isinstance(entry, dict):
         raise BadRequest(f"{where}: expected a product id or an object with product_id")
@@ -72,7 +73,7 @@ def _entry(entry: Any, where: str) -> tuple[int, int, int | None]:
     if unknown:
         raise BadRequest(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")
     product = entry.get("product_id")
-    if not _is_id(product):
+    if not is_id(product):
         raise BadRequest(f"{where}: product_id must be an integer id, not {product!r}")
     kind = entry.get("event_type", "view")
     if kind not in TYPE_CODES:
@@ -81,7 +82,7 @@ def _entry(entry: Any, where: str) -> tuple[int, int, int | None]:
     return product, TYPE_CODES[kind], None if time is None else _seconds(time, where)
 
 
-def _is_id(value: Any) -> bool:
+def is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 

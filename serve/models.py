@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from model.errors import ArtifactError, BadRequest
-from model.recommender import Recommender
+from model.recommender import FoldIn, Recommender
+from serve.events import as_recent_events
 from serve.history import parse_histories
 from serve.records import CsvTable, Payload, Prediction, Rankings, Scores
 
@@ -46,6 +47,8 @@ class Options:
     output: str | None = None  # "probability" or "label" (tabular models); None: probability
     similar_to: Any = None  # top-K of the products most like these: product ids, or a list each
     score: str = "pair"  # "similar": pairs are (product, product), scored by cosine
+    # user ids -> their fresh events (serve/events.py FreshEvents.lookup); None: none kept
+    fresh_events: Callable[[np.ndarray], dict[int, np.ndarray]] | None = None
 
 
 class ServableModel(ABC):
@@ -122,6 +125,9 @@ class RecommenderModel(ServableModel):
             return self.rank(payload, options)
         (users, products), ok = payload.table.ints(self.inputs)
         scores = self.recommender.score(users, products)
+        reads = self.read_fresh(users[ok], options)
+        if reads:
+            self.rescore(reads, users, products, ok, scores)
         if not ok.all():
             scores[~ok] = np.nan  # malformed rows were parsed as id 0 placeholders
         fallback = None
@@ -141,10 +147,17 @@ class RecommenderModel(ServableModel):
         exclude = _per_user(options.exclude, len(users), "exclude")
         ids, scores, user_ids = [], [], []
         empty = np.empty(0, np.int64), np.empty(0, np.float32)
+        reads = self.read_fresh(users[ok], options)
         for row, user in enumerate(users.tolist()):
-            best = (
-                self.recommender.top_k(user, k, candidates[row], exclude[row]) if ok[row] else empty
-            )
+            read = reads.get(user) if ok[row] else None
+            if read is not None:
+                best = self.recommender.rank_vector(
+                    read.vector, k, candidates[row], exclude[row], read.log_normalizer, read.bonus
+                )
+            elif ok[row]:
+                best = self.recommender.top_k(user, k, candidates[row], exclude[row])
+            else:
+                best = empty
             ids.append(best[0])
             scores.append(best[1])
             user_ids.append(user if ok[row] else None)
@@ -152,6 +165,34 @@ class RecommenderModel(ServableModel):
         counts = {"malformed": int((~ok).sum()), "unknown": unknown, "fallback": 0}
         counts["null"] = counts["malformed"] + unknown
         return Rankings(ids, scores, user_ids, counts)
+
+    def read_fresh(self, user_ids: np.ndarray, options: Options) -> dict[int, FoldIn]:
+        """The users among `user_ids` whose reading their fresh events change, read with
+        them (Recommender.read_fresh); {} at once when the store holds none of them."""
+        if options.fresh_events is None or not len(user_ids):
+            return {}
+        fresh = options.fresh_events(user_ids)
+        if not fresh:
+            return {}
+        rec = self.recommender
+        return rec.read_fresh(*as_recent_events(fresh, rec.items.rows))
+
+    def rescore(
+        self,
+        reads: dict[int, FoldIn],
+        users: np.ndarray,
+        products: np.ndarray,
+        ok: np.ndarray,
+        scores: np.ndarray,
+    ) -> None:
+        """Pair scores of the rows whose user was read from fresh events, in place."""
+        rows = np.flatnonzero(ok & np.isin(users, np.fromiter(reads, np.int64, len(reads))))
+        order = rows[np.argsort(users[rows], kind="stable")]
+        starts = np.flatnonzero(np.r_[True, users[order][1:] != users[order][:-1]])
+        item_rows = self.recommender.items.rows(products)
+        for group in np.split(order, starts[1:]):
+            read = reads[int(users[group[0]])]
+            scores[group] = self.recommender.score_read(read, item_rows[group])
 
     def rank_histories(self, options: Options) -> Rankings:
         """Top-K from each history's events (serve/history.py; Recommender.read_users); a
@@ -237,8 +278,10 @@ class RecommenderModel(ServableModel):
         )
         history = rec.history.item_embeddings.nbytes if rec.history is not None else 0
         bonus = rec.bonus.nbytes() if rec.bonus is not None else 0
+        events = rec.events
+        kept = 0 if events is None else sum(a.nbytes for a in vars(events).values())
         # ids: sorted + by row
-        return int(sum(a.nbytes for a in arrays if a is not None) * 2) + history + bonus
+        return int(sum(a.nbytes for a in arrays if a is not None) * 2) + history + bonus + kept
 
 
 class TabularServable(ServableModel):

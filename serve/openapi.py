@@ -49,6 +49,16 @@ _PAIRS = {
             "description": "similar: each record is (product_a, product_b), scored by the"
             " cosine of their item vectors; null where either is unknown (no fallback)",
         },
+        "events": {
+            "type": "array",
+            "description": "alone in the body: fresh events to keep, each"
+            ' {"user_id" (or "session_id"), "product_id", "event_type":'
+            ' view|cart|purchase|remove_from_cart, "event_time" (default: now)}; the next'
+            " score or top-K of that user (a session id passed as user_id) reads them. Reply"
+            ' {"taken", "users"}; any bad entry: 400 naming each, nothing taken; store down:'
+            " 503.",
+            "items": {"type": "object"},
+        },
         "product_a": {"type": "array", "items": {"type": "integer"}},
         "product_b": {"type": "array", "items": {"type": "integer"}},
         "fallback": {"type": "string", "enum": ["null", "mean", "popularity"]},
@@ -140,6 +150,18 @@ OPENAPI: dict[str, Any] = {
                     {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
                     *_HEADERS,
                 ],
+            }
+        },
+        "/events": {
+            "post": {
+                "summary": 'take fresh events: {"events": [...]}, as /invocations takes them',
+                "requestBody": {"required": True, "content": {"application/json": {}}},
+                "responses": {
+                    "200": _JSON_OK,
+                    "400": _TEXT_ERROR,
+                    "415": _TEXT_ERROR,
+                    "503": {**_TEXT_ERROR, "description": "the event store is unavailable"},
+                },
             }
         },
         "/execution-parameters": {

@@ -62,9 +62,12 @@ def test_start_order() -> None:
     def after(service: str) -> dict[str, str]:
         return {k: v["condition"] for k, v in SERVICES[service]["depends_on"].items()}
 
-    assert set(SERVICES) == {"events", "trainer", "server", "mariadb"}
+    assert set(SERVICES) == {"events", "trainer", "redis", "server", "mariadb"}
     assert after("trainer") == {"events": "service_completed_successfully"}
-    assert after("server") == {"trainer": "service_completed_successfully"}
+    assert after("server") == {
+        "trainer": "service_completed_successfully",
+        "redis": "service_healthy",
+    }
     assert after("mariadb") == {"server": "service_healthy"}
     for one_shot in ("events", "trainer"):
         assert SERVICES[one_shot]["restart"] == "no"
@@ -74,9 +77,20 @@ def test_health_checks() -> None:
     server = SERVICES["server"]["healthcheck"]
     assert server["test"] == ["CMD", "/usr/local/bin/recsql-entrypoint", "healthcheck"]
     assert "healthcheck.sh" in SERVICES["mariadb"]["healthcheck"]["test"]
-    for service in ("server", "mariadb"):
+    for service in ("redis", "server", "mariadb"):
         check = SERVICES[service]["healthcheck"]
         assert check["retries"] >= 3 and check["start_period"]
+
+
+def test_server_keeps_fresh_events_in_the_redis_service() -> None:
+    url = urlsplit(SERVICES["server"]["environment"]["RECSQL_EVENTS_URL"])
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
+    redis = SERVICES["redis"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "ports" not in redis  # reached by the server on the compose network only
+    command = redis["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "volatile-ttl"
+    assert command[command.index("--save") + 1] == ""
 
 
 def test_model_flows_from_trainer_to_server() -> None:
