@@ -215,19 +215,30 @@ class EventPairs:
 
     @classmethod
     def build(cls, events: RecentEvents) -> EventPairs:
-        known = events.items >= 0
-        users = events.user_rows()[known]
-        items = events.items[known].astype(np.int64)
+        # per event, in narrow types (a 3M-user model holds ~70M events): user, gap bucket,
+        # position (both from the user's latest event, known product or not)
+        users = np.repeat(np.arange(events.num_users, dtype=np.int32), np.diff(events.indptr))
+        buckets = np.searchsorted(np.asarray(GAP_EDGES), events.gaps(), "right").astype(np.uint8)
+        positions = np.minimum(events.from_end(), np.iinfo(np.int32).max).astype(np.int32)
+        items, types = events.items, events.types
+        known = items >= 0
+        if not known.all():
+            users, items, types = users[known], items[known], types[known]
+            buckets, positions = buckets[known], positions[known]
         width = int(items.max()) + 1 if len(items) else 1
-        key = users * width + items
+        key = users.astype(np.int64) * width + items
         order = np.argsort(key)
         key = key[order]
-        positions = events.from_end()[known][order]
-        gaps = events.gaps()[known][order]
-        buckets = np.searchsorted(np.asarray(GAP_EDGES), gaps, side="right")
         first = np.r_[True, key[1:] != key[:-1]] if len(key) else np.zeros(0, bool)
-        types = events.types[known][order].astype(np.int64)
-        return cls(users[order], items[order], types, buckets, positions, np.flatnonzero(first))
+        del key
+        return cls(
+            users[order],
+            items[order],
+            types[order],
+            buckets[order],
+            positions[order],
+            np.flatnonzero(first),
+        )
 
     def reduce(self, per_event: np.ndarray) -> np.ndarray:
         """Sum of a per-event value over each pair's events."""
@@ -239,7 +250,7 @@ class EventPairs:
         """Gap bucket of each pair's most recent event (the smallest: gaps shrink with time)."""
         if not len(self.starts):
             return np.zeros(0, np.int64)
-        return np.minimum.reduceat(self.buckets, self.starts)
+        return np.minimum.reduceat(self.buckets, self.starts).astype(np.int64)
 
     def latest_position(self) -> np.ndarray:
         """POSITION_EDGES bucket of each pair's most recent event."""
@@ -249,10 +260,10 @@ class EventPairs:
         return np.searchsorted(np.asarray(POSITION_EDGES), latest, "right")
 
     def pair_users(self) -> np.ndarray:
-        return self.users[self.starts]
+        return self.users[self.starts].astype(np.int64)
 
     def items(self) -> np.ndarray:
-        return self.item_rows[self.starts].astype(np.int32)
+        return self.item_rows[self.starts]
 
     def indptr(self, num_users: int) -> np.ndarray:
         counts = np.bincount(self.pair_users(), minlength=num_users)
@@ -260,7 +271,7 @@ class EventPairs:
 
     def counts(self) -> np.ndarray:
         """(pairs, types x gap buckets) event counts, for fitting the repeat term."""
-        code = self.types * GAP_BUCKETS + self.buckets
+        code = self.types.astype(np.int64) * GAP_BUCKETS + self.buckets
         pair = np.repeat(np.arange(len(self.starts)), np.diff(np.r_[self.starts, len(self.users)]))
         width = len(EVENT_TYPES) * GAP_BUCKETS
         flat = np.bincount(pair * width + code, minlength=len(self.starts) * width)
