@@ -19,7 +19,19 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["quality", "prep", "train", "serve", "logs", "history", "udf", "db", "tabular"]
+ORDER = [
+    "quality",
+    "prep",
+    "train",
+    "serve",
+    "logs",
+    "history",
+    "similar",
+    "events",
+    "udf",
+    "db",
+    "tabular",
+]
 
 
 def machine() -> str:
