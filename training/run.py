@@ -134,5 +134,6 @@ def run_training_job(env: SageMakerEnv, progress: bool = False) -> int:
         write_failure(env, reason)
         return 1
     final = metrics["final"]
-    log.info("done: test MSE %.4f, HR@%d %.4f", final["test_mse"], cfg.k, final["hr"])
+    mse = f", test MSE {final['test_mse']:.4f}" if "test_mse" in final else ""
+    log.info("done: HR@%d %.4f, NDCG@%d %.4f%s", cfg.k, final["hr"], cfg.k, final["ndcg"], mse)
     return 0

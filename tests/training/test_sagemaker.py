@@ -98,14 +98,16 @@ def test_detect_needs_opt_ml_or_sm_variables(tmp_path):
     assert env.hyperparameters() == {"lr": "0.1"}
 
 
-def test_training_job_success_writes_the_artifact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective", ["bpr", "softmax", "mse"])
+def test_training_job_success_writes_the_artifact(tmp_path, monkeypatch, objective):
+    """Each objective, the default (softmax over a history tower: no test MSE) included."""
     import recsql_cli
 
-    root = _fake_opt_ml(tmp_path / "opt_ml", FAST_HPS)
+    root = _fake_opt_ml(tmp_path / "opt_ml", {**FAST_HPS, "objective": objective})
     monkeypatch.setenv("RECSQL_SM_ROOT", str(root))
     assert recsql_cli.main(["train"]) == 0
     model = load_model(root / "model")
-    assert model.describe()["objective"] == "bpr"
+    assert model.describe()["objective"] == objective
     manifest = json.loads((root / "model" / "recsql.json").read_text())
     assert manifest["train_config"]["num_embeddings"] == 8
     assert (root / "model" / "metrics.json").is_file()
