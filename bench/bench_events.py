@@ -27,74 +27,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import save_mfblock  # noqa: E402
-from model.history import GAP_BUCKETS, HistoryModel, HistoryTower, RecentEvents, RepeatTerm  # noqa: E402
-from model.recommender import relu_tower  # noqa: E402
+from _recsql import random_history_model  # noqa: E402
+
 from serve import Invocation, build_dataplane, from_env  # noqa: E402
 from serve.events import EVENT, EventBatch, RedisStore  # noqa: E402
 
 EMB, KEEP = 64, 200
-
-
-def history_model(path: Path, users: int, items: int, seed: int = 0) -> Path:
-    """A random history model of that size, each user with up to KEEP events."""
-    rng = np.random.default_rng(seed)
-    weights = {
-        "item_embeddings.weight": rng.normal(0, 0.3, (items, EMB)).astype(np.float32),
-        "dense_user.weight": rng.normal(0, 0.2, (EMB, EMB)).astype(np.float32),
-        "dense_user.bias": np.full(EMB, 0.05, np.float32),
-        "dense_item.weight": rng.normal(0, 0.2, (EMB, EMB)).astype(np.float32),
-        "dense_item.bias": np.full(EMB, 0.05, np.float32),
-        "item_popularity": rng.uniform(0, 1, items).astype(np.float32),
-    }
-    counts = rng.integers(5, KEEP, users)
-    who = np.repeat(np.arange(users), counts)
-    times = 1_570_000_000 + np.cumsum(rng.integers(1, 5000, len(who)))
-    events = RecentEvents.build(
-        who, rng.integers(0, items, len(who)), rng.choice(4, len(who)), times, users, KEEP
-    )
-    tower = HistoryTower(-0.05 * np.arange(20), np.array([0.0, 0.4, 0.8, -0.5]))
-    repeat = RepeatTerm(
-        0.9, rng.normal(0, 0.4, (4, GAP_BUCKETS)), rng.normal(0, 0.5, GAP_BUCKETS), np.zeros(5)
-    )
-    history = HistoryModel(
-        tower,
-        weights["item_embeddings.weight"],
-        weights["dense_user.weight"],
-        weights["dense_user.bias"],
-        1.0,
-        repeat,
-    )
-    item_vectors = relu_tower(
-        weights["item_embeddings.weight"], weights["dense_item.weight"], weights["dense_item.bias"]
-    )
-    normalizer = np.empty(users, np.float32)
-    vectors = history.user_vectors(events)
-    for start in range(0, users, 1000):
-        logits = vectors[start : start + 1000] @ item_vectors.T
-        top = logits.max(1, keepdims=True)
-        normalizer[start : start + 1000] = top[:, 0] + np.log(np.exp(logits - top).sum(1))
-    weights.update(
-        {
-            "history_position": tower.position,
-            "history_type": tower.event_type,
-            "user_log_normalizer": normalizer,
-            "events.indptr": events.indptr,
-            "events.items": events.items,
-            "events.types": events.types,
-            "events.times": events.times,
-        }
-    )
-    return save_mfblock(
-        path,
-        weights,
-        np.arange(users, dtype=np.int64) + 1,
-        np.arange(items, dtype=np.int64) + 1_000_000,
-        score={"kind": "probability", "temperature": 1.0},
-        user_tower={"kind": "history", "events": 20},
-        recent_events=KEEP,
-        repeat=repeat.to_json(),
-    )
 
 
 def timed(plane, body: bytes, content_type: str, n: int) -> tuple[float, float]:
@@ -201,7 +139,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        model_dir = history_model(tmp / "model", args.users, args.items)
+        model_dir = random_history_model(
+            tmp / "model",
+            np.arange(args.users, dtype=np.int64) + 1,
+            np.arange(args.items, dtype=np.int64) + 1_000_000,
+            keep=KEEP,
+            emb=EMB,
+        )
         prefix = f"recsql-bench:{uuid.uuid4().hex}:"
         stores = {
             "off": {"events_url": "off"},

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from model import load_model  # noqa: E402
 from model.history import EVENT_TYPES, RecentEvents  # noqa: E402
+from model.recommender import Recommender  # noqa: E402
 from training.baselines import rule_scorers  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.events import EVENT_WEIGHTS, PreparedEvents  # noqa: E402
@@ -263,16 +264,27 @@ def recsql_default(split: Split, cfg: TrainConfig | None = None) -> Callable:
     """`recsql train` on the training events; scores from the saved artifact: user vector .
     item vector + the repeat term, the numbers `Recommender.score` gives every path."""
     d = split.data
-    # its own held-out events: each user's last training event
+    return user_scorer(train_default(split, cfg), d.user_ids, d.product_ids)
+
+
+def train_default(split: Split, cfg: TrainConfig | None = None) -> Recommender:
+    """The model `recsql train` makes of the split's training events (it holds out each
+    user's last training event for its own validation), loaded as the server loads it."""
+    d = split.data
     own = PreparedEvents.from_events(
         d.user_ids[d.train_users], d.product_ids[d.train_items], d.train_labels,
         times=d.times()[0],
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg or TrainConfig(), own, Path(tmp), progress=False)
-        rec = load_model(Path(tmp))
-    rows = rec.users.rows(d.user_ids)
-    items = rec.items.rows(d.product_ids)
+        return load_model(Path(tmp))
+
+
+def user_scorer(rec: Recommender, user_ids: np.ndarray, product_ids: np.ndarray) -> Callable:
+    """scores(positions): the model's scores of users user_ids[positions] for product_ids
+    (columns), repeat term included; 0 for a user or product the model does not know."""
+    rows = rec.users.rows(user_ids)
+    items = rec.items.rows(product_ids)
     item_vectors = np.where((items >= 0)[:, None], rec.item_vectors[np.maximum(items, 0)], 0)
     column = np.full(len(rec.item_vectors), -1)
     column[items[items >= 0]] = np.flatnonzero(items >= 0)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,31 +35,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quality import Split, bootstrap, completejourney, movielens  # noqa: E402
+from bench_quality import (  # noqa: E402
+    Split,
+    bootstrap,
+    completejourney,
+    movielens,
+    train_default,
+    user_scorer,
+)
 
-from model import load_model  # noqa: E402
 from model.history import RecentEvents  # noqa: E402
 from model.recommender import Recommender  # noqa: E402
 from training.baselines import rule_scorers  # noqa: E402
 from training.config import make_config  # noqa: E402
-from training.events import PreparedEvents  # noqa: E402
 from training.metrics import SeenItems, rank_metrics  # noqa: E402
-from training.train import train  # noqa: E402
 
 K = 10
 Scorer = Callable[[np.ndarray], np.ndarray]  # test positions -> (n, catalogue columns)
-
-
-def train_default(split: Split, seed: int) -> Recommender:
-    """`recsql train` defaults on the split's training events (as bench_quality trains)."""
-    d = split.data
-    own = PreparedEvents.from_events(
-        d.user_ids[d.train_users], d.product_ids[d.train_items], d.train_labels,
-        times=d.times()[0],
-    )  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        train(make_config({"seed": seed}), own, Path(tmp), progress=False)
-        return load_model(Path(tmp))
 
 
 class Queries:
@@ -134,19 +125,7 @@ def model_scorers(rec: Recommender, split: Split, q: Queries) -> dict[str, Score
     def history(pos: np.ndarray) -> np.ndarray:  # the query's repeat bonus: excluded anyway
         return history_vectors[pos] @ items.T
 
-    user_rows = rec.users.rows(d.user_ids[q.users])
-    to_column = np.full(len(rec.item_vectors), -1)
-    to_column[rows[rows >= 0]] = np.flatnonzero(rows >= 0)
-
-    def whole_user(pos: np.ndarray) -> np.ndarray:
-        out = rec.user_vectors[np.maximum(user_rows[pos], 0)] @ items.T
-        if rec.bonus is not None:
-            for j, r in enumerate(user_rows[pos].tolist()):
-                touched, values = rec.bonus.row(r)
-                at = to_column[touched]
-                out[j, at[at >= 0]] += values[at >= 0]
-        out[user_rows[pos] < 0] = 0.0
-        return out
+    whole_user = user_scorer(rec, d.user_ids[q.users], d.product_ids[q.columns])
 
     return {"similar": similar, "history": history, "user": whole_user}
 
@@ -174,7 +153,7 @@ def run(label: str, events, exclude_seen: bool, seed: int) -> None:
     start = time.perf_counter()
     split = Split.at(events, 1)
     q = Queries(split, exclude_seen)
-    rec = train_default(split, seed)
+    rec = train_default(split, make_config({"seed": seed}))
     trained = time.perf_counter() - start
     scorers = {**model_scorers(rec, split, q), **rule_columns(split, q)}
     per_method = {NAMES[m]: [q.evaluate(scorers[m])] for m in NAMES}
