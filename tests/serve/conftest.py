@@ -197,6 +197,12 @@ def running(args: list[str], tmp: Path, env: dict[str, str] | None = None) -> It
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def history_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A history model (make_history_artifact), one per test module."""
+    return make_history_artifact(tmp_path_factory.mktemp("history") / "model")
+
+
 @pytest.fixture(scope="session")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The plain single-model server most HTTP tests share: 2 gevent workers."""

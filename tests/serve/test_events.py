@@ -26,7 +26,6 @@ from .conftest import (
     PRODUCT_IDS,
     USER_IDS,
     make_artifact,
-    make_history_artifact,
     running,
 )
 from .test_history import stored_events
@@ -65,11 +64,6 @@ def store(request, tmp_path: Path) -> Iterator[dict[str, str]]:
     if keys:
         client.delete(*keys)
     client.close()
-
-
-@pytest.fixture(scope="module")
-def history_dir(tmp_path_factory) -> Path:
-    return make_history_artifact(tmp_path_factory.mktemp("history") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ from model.errors import BadRequest
 from model.history import TYPE_CODES
 from serve.history import parse_histories
 
-from .conftest import PRODUCT_IDS, USER_IDS, make_history_artifact, running
-
-
-@pytest.fixture(scope="module")
-def history_dir(tmp_path_factory) -> Path:
-    return make_history_artifact(tmp_path_factory.mktemp("history") / "model")
+from .conftest import PRODUCT_IDS, USER_IDS, running
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ unknown products, `score=similar` pairs, the 400s, and every recommender kind.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +13,9 @@ from model.errors import BadRequest
 from serve import Invocation, build_dataplane, from_env
 from tests.model.test_mxnet import make_weights, write_seed_dir
 
-from .conftest import PRODUCT_IDS, make_artifact, make_history_artifact, running
+from .conftest import PRODUCT_IDS, make_artifact, running
 
 SIMILAR = "score=similar"
-
-
-@pytest.fixture(scope="module")
-def history_dir(tmp_path_factory) -> Path:
-    return make_history_artifact(tmp_path_factory.mktemp("similar") / "model")
 
 
 @pytest.fixture(scope="module")
