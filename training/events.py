@@ -45,7 +45,7 @@ import numpy as np
 
 from model.errors import DataError
 from model.format import write_index
-from training.progress import progress_bar
+from model.progress import progress_bar
 
 if TYPE_CHECKING:
     from tqdm import tqdm

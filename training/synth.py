@@ -49,7 +49,7 @@ import duckdb
 import numpy as np
 
 from model.errors import DataError
-from training.progress import progress_bar
+from model.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from model.tabular import (
     XGBoostPredictor,
 )
 from training import reports
-from training.progress import progress_bar
+from model.progress import progress_bar
 
 if TYPE_CHECKING:
     from tqdm import tqdm

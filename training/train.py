@@ -292,7 +292,7 @@ def run_epoch(
     random order); returns (mean loss, seconds in the loop)."""
     import torch
 
-    from training.progress import progress_bar
+    from model.progress import progress_bar
 
     dev = labels.device
     threads = torch.get_num_threads()

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from training import progress
-from training.progress import progress_bar
+from model import progress
+from model.progress import progress_bar
 
 ANSI = re.compile(r"\x1b\[")
 
