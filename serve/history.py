@@ -76,7 +76,7 @@ def parse_event(entry: Any, where: str) -> tuple[int, int, int | None]:
     if not is_id(product):
         raise BadRequest(f"{where}: product_id must be an integer id, not {product!r}")
     kind = entry.get("event_type", "view")
-    if kind not in TYPE_CODES:
+    if not isinstance(kind, str) or kind not in TYPE_CODES:
         raise BadRequest(f"{where}: event_type {kind!r} unknown; use {', '.join(EVENT_TYPES)}")
     time = entry.get("event_time")
     return product, TYPE_CODES[kind], None if time is None else _seconds(time, where)
