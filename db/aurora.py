@@ -8,6 +8,14 @@ form: the install script notes it and leaves it out. The cluster needs an IAM ro
 to call `sagemaker:InvokeEndpoint`, named in the cluster parameter
 `aws_default_sagemaker_role` and attached with `add-role-to-db-cluster`, then a
 reboot of the writer instance.
+
+Fresh events: Aurora cannot call SageMaker from a trigger (its ML functions are not allowed
+there), nor send JSON to it. The path is an AFTER INSERT trigger calling the native
+`lambda_async(ARN, payload)` with `{"events": [row]}`; the Lambda (deploy/events_lambda.py)
+POSTs it to the endpoint with InvokeEndpoint. `aurora_events_script` prints the trigger and
+the GRANTs. lambda_async returns before the Lambda runs, so a server or store that is down
+never fails the insert (the Lambda retries, then drops the event); an error starting the
+Lambda (no role, no privilege) is an error in the trigger, which rolls back the insert.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,63}$")
 _USER = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
 _HOST = re.compile(r"^[A-Za-z0-9_.%:\-]{1,255}$")
 _AWS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9\-]{0,62}$")
+_LAMBDA_ARN = re.compile(
+    r"^arn:aws[a-z-]*:lambda:[a-z0-9-]+:\d{12}:function:[A-Za-z0-9_-]{1,64}(:[A-Za-z0-9_$-]{1,128})?$"
+)
+LAMBDA_ROLE_PARAMETER = "aws_default_lambda_role"
 
 SAGEMAKER_ROLE_PARAMETER = "aws_default_sagemaker_role"
 RDS_TRUST_POLICY = {
@@ -56,6 +68,11 @@ def aurora_return_type(fn: SqlFunction) -> str:
 
 def aurora_unavailable(fn: SqlFunction) -> str | None:
     """Why Aurora cannot have `fn` (one line), or None when it can."""
+    if fn.score == "events":
+        return (
+            f"{fn.name}: not an Aurora function; fresh events go through a trigger and"
+            " lambda_async (--events-table, --events-lambda)"
+        )
     if fn.custom_attributes is None:
         return None
     return (
@@ -152,6 +169,64 @@ def aurora_install_script(
     if user:
         lines += aurora_grants(user, database, functions, aurora_version=aurora_version)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def aurora_events_trigger(table: str, lambda_arn: str, key: str = "user_id") -> str:
+    """CREATE TRIGGER <table>_recsql_events AFTER INSERT: each row as {"events": [{...}]} to
+    the Lambda with lambda_async. Columns: `key` (user_id or session_id), product_id,
+    event_type, event_time (a DATETIME holding UTC; sent as 'YYYY-MM-DD HH:MM:SS')."""
+    if not _LAMBDA_ARN.match(lambda_arn):
+        raise BadRequest(f"bad Lambda function ARN {lambda_arn!r}")
+    if key not in ("user_id", "session_id"):
+        raise BadRequest(f"events are keyed by user_id or session_id, not {key!r}")
+    trigger = _ident(f"{table}_recsql_events", "trigger")
+    payload = (
+        "JSON_OBJECT('events', JSON_ARRAY(JSON_OBJECT(\n"
+        f"      '{key}', NEW.{key}, 'product_id', NEW.product_id,\n"
+        "      'event_type', NEW.event_type,\n"
+        "      'event_time', DATE_FORMAT(NEW.event_time, '%Y-%m-%d %H:%i:%s'))))"
+    )
+    return (
+        f"DROP TRIGGER IF EXISTS {trigger};\n"
+        "DELIMITER ;;\n"
+        f"CREATE TRIGGER {trigger} AFTER INSERT ON {_ident(table, 'table')} FOR EACH ROW\n"
+        "BEGIN\n"
+        f"  SELECT lambda_async('{lambda_arn}',\n    {payload}\n  ) INTO @recsql_events_lambda;\n"
+        "END;;\n"
+        "DELIMITER ;"
+    )
+
+
+def aurora_events_script(
+    table: str,
+    lambda_arn: str,
+    *,
+    user: str | None = None,
+    aurora_version: int = 3,
+    key: str = "user_id",
+) -> str:
+    """The trigger, and the privilege its definer needs (the trigger runs as the user who
+    creates it, not as the one who inserts): AWS_LAMBDA_ACCESS (3) or INVOKE LAMBDA (2)."""
+    lines = [
+        "-- Fresh events: each row inserted into the table goes to the recsql endpoint's",
+        "-- fresh-event store through the Lambda (deploy/events_lambda.py). The cluster needs",
+        f"-- an IAM role allowed lambda:InvokeFunction on it, set in {LAMBDA_ROLE_PARAMETER}",
+        "-- and added with `aws rds add-role-to-db-cluster` (then reboot the writer).",
+        aurora_events_trigger(table, lambda_arn, key),
+    ]
+    if user:
+        account = _account(user, "%")
+        lines.append("-- the trigger's definer (the user who runs the CREATE TRIGGER):")
+        if aurora_version == 3:
+            lines += [
+                f"GRANT AWS_LAMBDA_ACCESS TO {account};",
+                f"SET DEFAULT ROLE ALL TO {account};",
+            ]
+        elif aurora_version == 2:
+            lines.append(f"GRANT INVOKE LAMBDA ON *.* TO {account};")
+        else:
+            raise BadRequest(f"aurora_version must be 2 or 3, not {aurora_version}")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------ boto3

@@ -1,4 +1,4 @@
-"""`recsql sql install | query | examples`, `recsql load`, `recsql score`.
+"""`recsql sql install | query | examples`, `recsql load`, `recsql score`, `recsql events push`.
 
 Endpoint names in SQL resolve to URLs through `--endpoint NAME=URL` (repeatable)
 or RECSQL_ENDPOINTS="name=url,..."; without either, `recsql` means
@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_load(subparsers)
     _add_score(subparsers)
     _add_demo(subparsers)
+    _add_events(subparsers)
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -76,10 +77,13 @@ def _endpoints(args: argparse.Namespace) -> Any:
     return Endpoints(parse_endpoints(spec))
 
 
-def _functions(args: argparse.Namespace) -> list[Any]:
-    from db.functions import DEFAULT_FUNCTIONS, load_functions
+def _functions(args: argparse.Namespace, *, events: bool = False) -> list[Any]:
+    """--functions, or the default scoring functions (+ the events functions, `events`)."""
+    from db.functions import DEFAULT_FUNCTIONS, EVENT_FUNCTIONS, load_functions
 
-    return load_functions(args.functions) if args.functions else list(DEFAULT_FUNCTIONS)
+    if args.functions:
+        return load_functions(args.functions)
+    return [*DEFAULT_FUNCTIONS, *(EVENT_FUNCTIONS if events else ())]
 
 
 def _duckdb(path: str) -> Any:
@@ -133,6 +137,16 @@ def _add_sql(subparsers: argparse._SubParsersAction) -> None:
         "--setup-cluster",
         metavar="CLUSTER_ID",
         help="aurora: also set up this DB cluster through boto3",
+    )
+    inst.add_argument(
+        "--events-table",
+        metavar="TABLE",
+        help="aurora: also print an AFTER INSERT trigger on TABLE (columns user_id, product_id, "
+        "event_type, event_time) that sends each row to the fresh-event store through "
+        "lambda_async and the Lambda deploy/events_lambda.py (needs --events-lambda)",
+    )
+    inst.add_argument(
+        "--events-lambda", metavar="ARN", help="aurora: the events Lambda's function ARN"
     )
     inst.add_argument("--region", help="aurora: AWS region (default: boto3's)")
     inst.add_argument("--role-name", default="recsql-aurora-sagemaker", help="aurora: IAM role")
@@ -194,7 +208,7 @@ def _add_sql(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_install(args: argparse.Namespace) -> int:
-    functions = _functions(args)
+    functions = _functions(args, events=args.engine == "mysql" and not args.in_server)
     if args.engine == "aurora":
         return _install_aurora(args, functions)
     if not args.db:
@@ -219,8 +233,10 @@ def _run_install(args: argparse.Namespace) -> int:
 
 
 def _install_aurora(args: argparse.Namespace, functions: list[Any]) -> int:
-    from db.aurora import aurora_install_script, setup_aurora_cluster
+    from db.aurora import aurora_events_script, aurora_install_script, setup_aurora_cluster
 
+    if bool(args.events_table) != bool(args.events_lambda):
+        raise BadRequest("--events-table and --events-lambda go together")
     print(
         aurora_install_script(
             args.database,
@@ -231,6 +247,17 @@ def _install_aurora(args: argparse.Namespace, functions: list[Any]) -> int:
         ),
         end="",
     )
+    if args.events_table:
+        print()
+        print(
+            aurora_events_script(
+                args.events_table,
+                args.events_lambda,
+                user=args.user,
+                aurora_version=args.aurora_version,
+            ),
+            end="",
+        )
     if args.setup_cluster:
         import boto3
 
@@ -279,7 +306,8 @@ def _connect(args: argparse.Namespace) -> Any:
     from db.duckdb_udf import install_duckdb_functions
 
     con = _duckdb(args.db)
-    install_duckdb_functions(con, _endpoints(args), _functions(args), on_error=args.on_error)
+    functions = _functions(args, events=True)
+    install_duckdb_functions(con, _endpoints(args), functions, on_error=args.on_error)
     return con
 
 
@@ -418,6 +446,77 @@ def _run_score(args: argparse.Namespace) -> int:
             finally:
                 con.close()
     finally:
+        endpoints.close()
+    print(stats.summary())
+    return 0
+
+
+# ------------------------------------------------------------------------ events
+
+
+def _add_events(subparsers: argparse._SubParsersAction) -> None:
+    events = subparsers.add_parser(
+        "events",
+        help="send events to a server's fresh-event store (back-fill)",
+        description="Fresh events from SQL: DuckDB's record_event() / record_session_event() "
+        "(in `recsql sql query`), MariaDB/MySQL's AFTER INSERT trigger (`recsql sql install "
+        "--engine mysql`), and, for a back-fill, `recsql events push`.",
+    )
+    sub = events.add_subparsers(dest="events_command", metavar="EVENTS_COMMAND", required=True)
+    push = sub.add_parser(
+        "push",
+        help="send events from REES46 files or a SQL query to an endpoint, in batches",
+        description="Read events from REES46 CSV files (.csv, .csv.gz) or from --query "
+        "on --engine duckdb|mysql (columns user_id or session_id, product_id, and optionally "
+        'event_type, event_time), and POST them as {"events": [...]} to the endpoint NAME, '
+        "BATCH events a request, one request at a time in row order (send events oldest first: "
+        "the store keeps each user's latest). A row the server rejects is counted and skipped; "
+        "a failed request stops the push (exit 1) saying how many events were taken.",
+    )
+    push.add_argument("files", nargs="*", type=Path, help="REES46 event files")
+    push.add_argument("--query", help='e.g. "SELECT * FROM events ORDER BY event_time"')
+    push.add_argument("--engine", choices=("duckdb", "mysql"), default="duckdb", help=_ENGINE_HELP)
+    push.add_argument("--db", default="recsql.duckdb", help="--query's database (see --engine)")
+    push.add_argument(
+        "--to", default="recsql", metavar="NAME", help="the endpoint name (default recsql)"
+    )
+    push.add_argument(
+        "--batch", type=int, default=500, help="events per request (default 500, at most 10000)"
+    )
+    push.add_argument("--no-progress", action="store_true", help="no progress bar")
+    push.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="where the endpoint NAME is served (repeatable); default: $RECSQL_ENDPOINTS or "
+        f"{DEFAULT_ENDPOINTS}",
+    )
+    push.set_defaults(func=_run_events_push)
+
+
+def _run_events_push(args: argparse.Namespace) -> int:
+    from db.events import MAX_BATCH, duckdb_batches, file_batches, mysql_batches, push_events
+
+    if bool(args.files) == bool(args.query):
+        raise BadRequest("give either event files or --query")
+    if not 1 <= args.batch <= MAX_BATCH:
+        raise BadRequest(f"--batch must be 1..{MAX_BATCH}")
+    endpoints = _endpoints(args)
+    con = None
+    try:
+        pool = endpoints.pool(args.to)
+        if args.files:
+            batches = file_batches(args.files, args.batch)
+        elif args.engine == "mysql":
+            batches = mysql_batches(args.db, args.query, args.batch)
+        else:
+            con = _duckdb(args.db)
+            batches = duckdb_batches(con, args.query, args.batch)
+        stats = push_events(batches, pool, progress=not args.no_progress)
+    finally:
+        if con is not None:
+            con.close()
         endpoints.close()
     print(stats.summary())
     return 0

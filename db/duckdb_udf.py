@@ -13,6 +13,16 @@ NULL policy:
 
 Endpoint names resolve to URLs through the `Endpoints` the caller passes
 (`--endpoint recsql=http://127.0.0.1:8080` or RECSQL_ENDPOINTS): SQL never holds a URL.
+
+Events functions (db/functions.py EVENT_FUNCTIONS, e.g. `record_event(user_id, product_id,
+event_type, event_time)`) send each chunk as one `{"events": [...]}` request instead and
+return INTEGER per row: 1 taken, 0 rejected by the server (a bad row: split out of its
+chunk, the good rows are still taken, see db/events.py), NULL not sent (NULL id or
+product). event_time is a TIMESTAMP, read as UTC (cast strings: `event_time::TIMESTAMP`).
+Use them where every row is evaluated once: `SELECT record_event(...) FROM t` or `INSERT
+INTO log SELECT ..., record_event(...) FROM t` (a LIMIT or a filter on the result may
+still send rows it drops). Chunks may run on several threads at once, so the order of
+events across chunks is not kept: back-fill history with `recsql events push`.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from db.events import epoch_seconds, event_entries, send_events
 from db.functions import DEFAULT_FUNCTIONS, SqlFunction
 from db.http import EndpointError, EndpointPool, Endpoints, decode_floats, decode_texts, encode_rows
 from model.errors import BadRequest
@@ -75,17 +86,59 @@ def install_duckdb_functions(
             con.remove_function(fn.name)
         except (duckdb.InvalidInputException, duckdb.CatalogException):
             pass  # not registered yet
+        events = fn.score == "events"
         con.create_function(
             fn.name,
-            make_udf(fn, pool, on_error),
-            [duckdb_type(a.sql_type) for a in fn.args],
-            duckdb_type(fn.returns),
+            make_event_udf(fn, pool, on_error) if events else make_udf(fn, pool, on_error),
+            _EVENT_TYPES if events else [duckdb_type(a.sql_type) for a in fn.args],
+            "INTEGER" if events else duckdb_type(fn.returns),
             type="arrow",
             null_handling="special",  # we see NULLs and leave those rows out of the request
             side_effects=True,  # never constant-fold or cache: the model behind it can change
         )
         names.append(fn.name)
     return names
+
+
+_EVENT_TYPES = ["BIGINT", "BIGINT", "VARCHAR", "TIMESTAMP"]
+
+
+def make_event_udf(
+    fn: SqlFunction, pool: EndpointPool, on_error: str = "error", max_rows: int | None = None
+) -> Callable[..., pa.Array]:
+    """The Arrow UDF of an events function: chunk of (id, product, type, time) -> INTEGER
+    verdicts (1 taken, 0 rejected, NULL not sent). On a failed request, on_error "error"
+    fails the query; "null" leaves the rows not yet taken NULL and logs a warning."""
+    max_rows = max_rows or fn.max_batch_size
+    key = fn.event_key or "user_id"
+
+    def udf(ids: pa.Array, products: pa.Array, kinds: pa.Array, times: pa.Array) -> pa.Array:
+        entries = event_entries(
+            key, ids.to_pylist(), products.to_pylist(), kinds.to_pylist(), epoch_seconds(times)
+        )
+        rows = [(i, e) for i, e in enumerate(entries) if e is not None]  # NULL ids: not sent
+        out: list[int | None] = [None] * len(entries)
+        try:
+            for start in range(0, len(rows), max_rows):
+                part = rows[start : start + max_rows]
+                verdicts = send_events(pool, [e for _, e in part])
+                for (i, _), taken in zip(part, verdicts.taken, strict=True):
+                    out[i] = taken
+                if verdicts.reasons:
+                    log.warning(
+                        "%s: %d rows rejected: %s",
+                        fn.name,
+                        verdicts.taken.count(0),
+                        verdicts.reasons[0],
+                    )
+        except EndpointError as exc:
+            if on_error == "error":
+                raise EndpointError(f"{fn.name}: {exc}") from exc
+            log.warning("%s: %s; %d rows left NULL", fn.name, exc, out.count(None))
+        return pa.array(out, type=pa.int32())
+
+    udf.__name__ = fn.name
+    return udf
 
 
 def make_udf(

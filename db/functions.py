@@ -9,6 +9,12 @@ model scores (a user and a product, a tabular row); "similar" sends two product 
 `X-Amzn-SageMaker-Custom-Attributes: score=similar`, and the endpoint answers their
 cosine (MariaDB/MySQL: the loadable function `recsql_similar`, which scores in-server
 from a vectors file too). Aurora cannot send that header, so it has no "similar" function.
+
+"events" scores nothing: it sends its row (who, product_id, event_type, event_time) to the
+endpoint's fresh-event store as `{"events": [...]}` (serve/events.py) and returns 1 when
+the server took it, 0 when it rejected it (a 400: a bad row), NULL when it was not sent (a
+NULL id) or not delivered. Its first argument is named `user_id`, or `session_id` for a
+visitor: that name is the key the event goes under. See db/events.py.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from model.errors import DataError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _ENDPOINT = re.compile(r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,62}$")  # SageMaker endpoint name rules
-SCORES = ("pair", "similar")
+SCORES = ("pair", "similar", "events")
+EVENT_KEYS = ("user_id", "session_id")  # an events function's first argument
 SQL_TYPES = ("BIGINT", "INT", "INTEGER", "DOUBLE", "FLOAT", "DECIMAL", "VARCHAR", "TEXT")
 # The whole type must match: it is written into DDL, so nothing may follow it.
 _TYPE = re.compile(
@@ -68,6 +75,15 @@ class SqlFunction:
                 f"function {self.name}: a similar function takes two product ids and returns"
                 " a number"
             )
+        if self.score == "events" and (
+            [a.name for a in self.args[1:]] != ["product_id", "event_type", "event_time"]
+            or self.args[0].name not in EVENT_KEYS
+            or self.returns.upper() not in ("INT", "INTEGER", "BIGINT")
+        ):
+            raise DataError(
+                f"function {self.name}: an events function takes (user_id or session_id,"
+                " product_id, event_type, event_time) and returns INT"
+            )
 
     @property
     def returns_text(self) -> bool:
@@ -77,6 +93,11 @@ class SqlFunction:
     def custom_attributes(self) -> str | None:
         """The X-Amzn-SageMaker-Custom-Attributes its requests carry (None: none)."""
         return "score=similar" if self.score == "similar" else None
+
+    @property
+    def event_key(self) -> str | None:
+        """An events function: the field its first argument fills (user_id or session_id)."""
+        return self.args[0].name if self.score == "events" else None
 
 
 WILL_PURCHASE = SqlFunction(
@@ -124,6 +145,39 @@ WILL_SUBSCRIBE = SqlFunction(
 )
 
 DEFAULT_FUNCTIONS: tuple[SqlFunction, ...] = (WILL_PURCHASE, SIMILAR_SCORE)
+
+# Fresh events from SQL (db/events.py): `INSERT ... SELECT ..., record_event(...)` in DuckDB,
+# an AFTER INSERT trigger on MariaDB/MySQL. event_time: a timestamp (UTC) or NULL (now);
+# event_type: view, cart, purchase, remove_from_cart or NULL (view).
+RECORD_EVENT = SqlFunction(
+    "record_event",
+    (
+        Argument("user_id", "BIGINT"),
+        Argument("product_id", "BIGINT"),
+        Argument("event_type", "VARCHAR(32)"),
+        Argument("event_time", "VARCHAR(64)"),
+    ),
+    "INT",
+    max_batch_size=2048,
+    description="Send a user's event to the endpoint's fresh-event store: 1 taken, 0 rejected,"
+    " NULL not sent.",
+    score="events",
+)
+RECORD_SESSION_EVENT = SqlFunction(
+    "record_session_event",
+    (
+        Argument("session_id", "BIGINT"),
+        Argument("product_id", "BIGINT"),
+        Argument("event_type", "VARCHAR(32)"),
+        Argument("event_time", "VARCHAR(64)"),
+    ),
+    "INT",
+    max_batch_size=2048,
+    description="Send a visitor's (session id) event to the fresh-event store: 1 taken,"
+    " 0 rejected, NULL not sent.",
+    score="events",
+)
+EVENT_FUNCTIONS: tuple[SqlFunction, ...] = (RECORD_EVENT, RECORD_SESSION_EVENT)
 
 
 def load_functions(path: Path) -> list[SqlFunction]:

@@ -13,9 +13,11 @@ share between threads: DuckDB calls its UDFs from worker threads and
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -87,19 +89,40 @@ class EndpointPool:
             headers["X-Amzn-SageMaker-Target-Model"] = model
         if self._custom_attributes:
             headers["X-Amzn-SageMaker-Custom-Attributes"] = self._custom_attributes
+        response = self._post(body, headers)
+        if response.status != 200:
+            raise EndpointError(
+                f"endpoint {self.name} answered HTTP {response.status}: {_reason(response.data)}"
+            )
+        return response.data
+
+    def post_json(self, doc: object) -> tuple[int, bytes]:
+        """POST `doc` as application/json; return (HTTP status, reply body) whatever the
+        status, for callers that read a 4xx (db/events.py). Raises EndpointError only when
+        no reply came. A connection dropped before the reply is retried once, as for
+        scoring: the usual cause is a keep-alive connection the server closed while idle,
+        which never reached the application."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._target_model:
+            headers["X-Amzn-SageMaker-Target-Model"] = self._target_model
+        response = self._post(json.dumps(doc, separators=(",", ":")).encode(), headers)
+        return response.status, response.data
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> Any:
         with self._lock:
             self.requests += 1
         try:
             try:
-                response = self._pool.urlopen("POST", self._path, body=body, headers=headers)
+                return self._pool.urlopen("POST", self._path, body=body, headers=headers)
             except ProtocolError:  # dropped before the reply: once more, on a new connection
-                response = self._pool.urlopen("POST", self._path, body=body, headers=headers)
+                return self._pool.urlopen("POST", self._path, body=body, headers=headers)
         except HTTPError as exc:
             raise EndpointError(f"endpoint {self.name} ({self.url}): {exc}") from exc
-        if response.status != 200:
-            reason = response.data[:200].decode("utf-8", "replace").strip().replace("\n", " ")
-            raise EndpointError(f"endpoint {self.name} answered HTTP {response.status}: {reason}")
-        return response.data
+
+
+def _reason(body: bytes) -> str:
+    """The first 200 bytes of an error reply, on one line."""
+    return body[:200].decode("utf-8", "replace").strip().replace("\n", " ")
 
 
 class Endpoints:

@@ -40,7 +40,7 @@ HEADER = (
 )
 EVENT_TYPES = ("view", "cart", "remove_from_cart", "purchase")
 TABLES = ("events", "users", "products")
-_COLUMNS = {
+FILE_COLUMNS = {
     "event_time": "VARCHAR",
     "event_type": "VARCHAR",
     "product_id": "BIGINT",
@@ -110,7 +110,7 @@ SELECT
     nullif(trim(brand), '') AS brand,
     price, user_id,
     nullif(trim(user_session), '') AS user_session
-FROM read_csv($paths, header = true, auto_detect = false, columns = {_COLUMNS!r},
+FROM read_csv($paths, header = true, auto_detect = false, columns = {FILE_COLUMNS!r},
               quote = '"', escape = '"', delim = ',', null_padding = true)
 """
 

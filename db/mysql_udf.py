@@ -5,9 +5,9 @@ Four steps, each a function the CLI and tests call:
 - `build_udf()` compiles db/udf/recsql_udf.so with make, gcc and libcurl.
 - `install_udf(conn, endpoints, functions)` copies it into the server's
   `plugin_dir`, registers the loadable functions (`recsql_invoke`,
-  `recsql_invoke_str`, `recsql_similar`, `recsql_last_error`,
-  `recsql_endpoints_path`) and writes the server-side allow-list that maps
-  endpoint names to URLs.
+  `recsql_invoke_str`, `recsql_similar`, `recsql_event`, `recsql_session_event`,
+  `recsql_last_error`, `recsql_endpoints_path`) and writes the server-side allow-list
+  that maps endpoint names to URLs.
 - `create_functions(conn, functions)` creates the SQL functions of
   db/functions.py (e.g. `will_purchase`) and a `<name>_strict` twin of each.
 - `drop_functions(conn, functions)` / `uninstall_udf(conn)` undo them.
@@ -21,6 +21,15 @@ Failure policy (see db/udf/recsql_udf.c): `will_purchase` returns NULL when
 the endpoint fails and the server logs the reason at most once per statement;
 `will_purchase_strict` raises SQLSTATE 45000 with the reason. NULL arguments
 give NULL without a request.
+
+Fresh events (an events function such as `record_event`, db/functions.py): the wrapper
+calls recsql_event / recsql_session_event through the allow-list name `<endpoint>.events`,
+the endpoint's URL with short timeouts (EVENT_TIMEOUT_MS), so that an AFTER INSERT trigger
+never holds an insert up for long. It has no `_strict` twin: it never raises, since an
+error in an AFTER INSERT trigger rolls back the user's row (1 taken, 0 rejected, NULL not
+sent or not delivered; the reason in recsql_last_error()). `event_trigger_ddl` writes the
+trigger. In-server scoring (a vectors file) reads the exported artifact, never the
+fresh-event store: events change the HTTP path's scores, not the in-server ones.
 """
 
 from __future__ import annotations
@@ -48,11 +57,16 @@ SONAME = "recsql_udf.so"
 DEFAULT_ALLOW_LIST = Path("/etc/mysql/recsql-endpoints.conf")  # the .so's compiled-in default
 DEFAULT_VECTORS_DIR = Path("/var/lib/recsql")  # where `--in-server` writes vectors files
 STRICT_SUFFIX = "_strict"
+EVENTS_SUFFIX = ".events"  # the allow-list name of an endpoint's events functions
+EVENT_TIMEOUT_MS = 1000  # a whole event request, from a trigger
+EVENT_CONNECT_TIMEOUT_MS = 200
 # name -> return type of the loadable functions in recsql_udf.so
 LOADABLE_FUNCTIONS = {
     "recsql_invoke": "REAL",
     "recsql_invoke_str": "STRING",
     "recsql_similar": "REAL",
+    "recsql_event": "INTEGER",
+    "recsql_session_event": "INTEGER",
     "recsql_last_error": "STRING",
     "recsql_endpoints_path": "STRING",
 }
@@ -250,8 +264,11 @@ def allow_list_path(conn: pymysql.Connection) -> Path:
 
 
 def allow_list_name(function: SqlFunction) -> str:
-    """The allow-list name a function calls: its endpoint, or endpoint.function when it
-    has its own target model (one line per distinct URL + target model)."""
+    """The allow-list name a function calls: its endpoint, endpoint.events for an events
+    function (short timeouts), or endpoint.function when it has its own target model (one
+    line per distinct URL + target model)."""
+    if function.score == "events":
+        return function.endpoint + EVENTS_SUFFIX
     if function.target_model is None:
         return function.endpoint
     return f"{function.endpoint}.{function.name}"
@@ -267,8 +284,20 @@ def allow_list_entries(
                 f"function {function.name} uses endpoint {function.endpoint!r}, "
                 f"which has no URL (given: {sorted(entries) or 'none'})"
             )
-        if function.target_model is not None:
-            base = entries[function.endpoint]
+        base = entries[function.endpoint]
+        if function.score == "events":
+            if isinstance(base, Vectors):
+                raise DataError(
+                    f"function {function.name} sends events; endpoint {function.endpoint!r}"
+                    " is a vectors file (in-server scoring), which takes none: give it a URL"
+                )
+            entries[allow_list_name(function)] = Endpoint(
+                base.url,
+                function.target_model or base.target_model,
+                min(base.timeout_ms or EVENT_TIMEOUT_MS, EVENT_TIMEOUT_MS),
+                min(base.connect_timeout_ms or EVENT_CONNECT_TIMEOUT_MS, EVENT_CONNECT_TIMEOUT_MS),
+            )
+        elif function.target_model is not None:
             if isinstance(base, Vectors):
                 raise DataError(
                     f"function {function.name} names a target model; endpoint "
@@ -324,6 +353,8 @@ def loadable_function(function: SqlFunction) -> str:
     (score=similar over HTTP, the cosine in-server), else recsql_invoke(_str)."""
     if function.score == "similar":
         return "recsql_similar"
+    if function.score == "events":
+        return "recsql_session_event" if function.event_key == "session_id" else "recsql_event"
     return "recsql_invoke_str" if function.returns_text else "recsql_invoke"
 
 
@@ -342,7 +373,11 @@ def function_ddl(
     udf = loadable_function(function)
     args = ", ".join(_quote_ident(a.name) for a in function.args)
     call = f"{udf}({_literal(allow_list_name(function))}, {args})"
+    if strict and function.score == "events":
+        raise DataError(f"{function.name}: an events function has no strict form (see module)")
     policy = "raises on endpoint failure" if strict else "NULL on endpoint failure"
+    if function.score == "events":
+        policy = "never raises: 1 taken, 0 rejected, NULL not sent"
     comment = _literal(f"{function.description} [recsql; {policy}]".strip())
     head = (
         f"CREATE FUNCTION {qualified}({params}) RETURNS {returns}\n"
@@ -359,6 +394,33 @@ def function_ddl(
         "  END IF;\n"
         "  RETURN recsql_result;\n"
         "END"
+    )
+
+
+def event_trigger_ddl(
+    table: str,
+    function: SqlFunction,
+    columns: Mapping[str, str] | None = None,
+    *,
+    name: str | None = None,
+) -> str:
+    """CREATE TRIGGER <table>_recsql_events AFTER INSERT ON <table> FOR EACH ROW DO
+    <function>(NEW.<who>, NEW.product_id, NEW.event_type, NEW.event_time). `columns` maps
+    the function's arguments to other column names; a missing one is passed as NULL when
+    mapped to "" (e.g. no event_type column: every row a view)."""
+    if function.score != "events":
+        raise DataError(f"{function.name} is not an events function")
+    columns = dict(columns or {})
+    args = []
+    for arg in function.args:
+        column = columns.get(arg.name, arg.name)
+        args.append(f"NEW.{_quote_ident(column)}" if column else "NULL")
+    trigger = name or f"{table}_recsql_events"
+    if not re.match(r"^[A-Za-z0-9_$]{1,64}$", trigger) or not _DATABASE.match(table):
+        raise DataError(f"unsupported table or trigger name {table!r} / {trigger!r}")
+    return (
+        f"CREATE TRIGGER {_quote_ident(trigger)} AFTER INSERT ON {_quote_ident(table)}"
+        f" FOR EACH ROW DO {_quote_ident(function.name)}({', '.join(args)})"
     )
 
 
@@ -382,7 +444,8 @@ def create_functions(
             raise RecsqlError("the recsql loadable functions are not registered: run install_udf")
         created = []
         for function in functions:
-            for is_strict in (False, True) if strict else (False,):
+            twins = strict and function.score != "events"
+            for is_strict in (False, True) if twins else (False,):
                 name = function.name + (STRICT_SUFFIX if is_strict else "")
                 if len(name) > 64:
                     raise DataError(f"function name {name!r} is longer than 64 characters")

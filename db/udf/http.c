@@ -98,12 +98,16 @@ static size_t on_data(char *ptr, size_t size, size_t nmemb, void *userdata)
     return n;
 }
 
-/* The request headers: CSV both ways, no Expect, and the endpoint's target model and the
- * call's custom attributes when there are any. */
-static struct curl_slist *make_headers(const recsql_endpoint *ep, const char *attributes)
+/* The request headers: CSV (or JSON) both ways, no Expect, and the endpoint's target model
+ * and the call's custom attributes when there are any. */
+static struct curl_slist *make_headers(const recsql_endpoint *ep, const char *attributes, int json)
 {
     char target[RECSQL_TARGET_MAX + 40], custom[RECSQL_ATTRIBUTES_MAX + 40];
     const char *lines[5] = {"Content-Type: text/csv", "Accept: text/csv", "Expect:"};
+    if (json) {
+        lines[0] = "Content-Type: application/json";
+        lines[1] = "Accept: application/json";
+    }
     size_t n = 3;
     if (ep->target_model[0]) {
         snprintf(target, sizeof target, "X-Amzn-SageMaker-Target-Model: %s", ep->target_model);
@@ -150,10 +154,13 @@ static void set_options(CURL *h, const recsql_endpoint *ep, const char *body, si
 #endif
 }
 
-int recsql_http_post(const recsql_endpoint *ep, const char *attributes, const char *body,
-                     size_t len, recsql_buf *reply, char *err, int *transport_failure)
+int recsql_http_post(const recsql_endpoint *ep, const char *attributes, int json,
+                     const char *body, size_t len, recsql_buf *reply, char *err,
+                     int *transport_failure, long *status_out)
 {
     *transport_failure = 0;
+    if (status_out)
+        *status_out = 0;
     pthread_once(&global_once, global_init);
     if (global_rc != CURLE_OK) {
         snprintf(err, RECSQL_ERR_MAX, "libcurl failed to initialise");
@@ -161,7 +168,7 @@ int recsql_http_post(const recsql_endpoint *ep, const char *attributes, const ch
     }
     int index;
     CURL *h = take(ep->url, &index);
-    struct curl_slist *headers = h ? make_headers(ep, attributes) : NULL;
+    struct curl_slist *headers = h ? make_headers(ep, attributes, json) : NULL;
     if (!h || !headers) {
         give(index, h, ep->url);
         snprintf(err, RECSQL_ERR_MAX, "out of memory");
@@ -172,6 +179,8 @@ int recsql_http_post(const recsql_endpoint *ep, const char *attributes, const ch
     CURLcode rc = curl_easy_perform(h);
     long status = 0;
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    if (status_out)
+        *status_out = status;
     /* drop pointers into memory that is freed after this call */
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
     curl_easy_setopt(h, CURLOPT_POSTFIELDS, NULL);

@@ -40,9 +40,11 @@ void recsql_log(const char *level, const char *fmt, ...) __attribute__((format(p
 void recsql_endpoints_free(void);
 
 /* http.c: a process-wide pool of keep-alive libcurl handles. `attributes` (NULL: none)
- * goes as X-Amzn-SageMaker-Custom-Attributes. */
-int recsql_http_post(const recsql_endpoint *ep, const char *attributes, const char *body,
-                     size_t len, recsql_buf *reply, char *err, int *transport_failure);
+ * goes as X-Amzn-SageMaker-Custom-Attributes; `json` sends and accepts application/json
+ * instead of text/csv. *status (when not NULL) is the reply's HTTP status, 0 if none. */
+int recsql_http_post(const recsql_endpoint *ep, const char *attributes, int json,
+                     const char *body, size_t len, recsql_buf *reply, char *err,
+                     int *transport_failure, long *status);
 void recsql_http_free(void);
 
 /* watch.c: inotify on the files' directories; a new generation = something changed. */

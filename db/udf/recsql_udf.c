@@ -4,6 +4,10 @@
  *   recsql_invoke(endpoint_name, arg1, ..., argN)      RETURNS REAL
  *   recsql_invoke_str(endpoint_name, arg1, ..., argN)  RETURNS STRING
  *   recsql_similar(endpoint_name, product_a, product_b) RETURNS REAL
+ *   recsql_event(endpoint_name, user_id, product_id, event_type, event_time)
+ *                                                      RETURNS INTEGER
+ *   recsql_session_event(endpoint_name, session_id, product_id, event_type, event_time)
+ *                                                      RETURNS INTEGER
  *   recsql_last_error()                                RETURNS STRING
  *   recsql_endpoints_path()                            RETURNS STRING
  *
@@ -31,6 +35,20 @@
  * the server's error log at most once per statement and once per endpoint
  * every 10 s. Strict SQL wrappers read recsql_last_error() and SIGNAL.
  * A NULL argument gives NULL with no request and no error.
+ *
+ * recsql_event / recsql_session_event send one fresh event, for an AFTER INSERT trigger:
+ * POST {"events": [{"user_id" (or "session_id"): id, "product_id": id, "event_type": ...,
+ * "event_time": ...}]} as application/json to the endpoint's URL. They return 1 when the
+ * server took it, 0 when it rejected the row (HTTP 400, or an id that is not an integer),
+ * NULL when it was not sent (a NULL id or product) or not delivered (endpoint down, a
+ * timeout, 5xx, 503 when its store is down). They never raise: a trigger that raised
+ * would roll back the user's insert, which is worse than a missing fresh event. The
+ * reason of a 0 or a failed NULL is in recsql_last_error(); a failure is also logged, at
+ * most once per statement and once per endpoint every 10 s. NULL event_type / event_time
+ * are left out (the server reads a view, now); a time of digits only (epoch seconds) goes
+ * as a number, any other text as a string the server parses ("2019-11-02 10:00:00" is
+ * UTC). The endpoint's timeouts bound the insert: `recsql sql install` gives the events
+ * functions an allow-list name of their own (<endpoint>.events) with short ones.
  */
 #define _GNU_SOURCE
 #include "recsql.h"
@@ -57,6 +75,7 @@ typedef struct {
     char name[RECSQL_NAME_MAX + 1]; /* endpoint name of the current row */
     int logged; /* a failure of this call (statement) was sent to the log */
     int similar; /* recsql_similar: (product, product) -> cosine */
+    const char *event_key; /* recsql_event: "user_id"; recsql_session_event: "session_id" */
     /* in-server scoring: the mapping this statement holds, and the name it was for */
     recsql_model *model;
     int borrowed; /* model is the thread's cached reference (models.c) */
@@ -321,8 +340,8 @@ static int invoke(call_state *st, UDF_ARGS *args, char **field, size_t *flen)
         snprintf(err, sizeof err, "endpoint '%.40s': arguments longer than %d bytes", name, MAX_LINE);
         return fail(st, name, err), 0;
     }
-    if (recsql_http_post(&ep, st->similar ? "score=similar" : NULL, st->line.data, st->line.len,
-                         &st->reply, err, &transport)) {
+    if (recsql_http_post(&ep, st->similar ? "score=similar" : NULL, 0, st->line.data,
+                         st->line.len, &st->reply, err, &transport, NULL)) {
         recsql_endpoint_report(name, transport);
         return fail(st, name, err), 0;
     }
@@ -534,4 +553,175 @@ UDF_EXPORT char *recsql_endpoints_path(UDF_INIT *initid, UDF_ARGS *args, char *r
     if (*length > 254)
         *length = 254;
     return result;
+}
+
+/* ---------------------------------------------------------------- fresh events */
+
+/* A JSON string: quote, escape '"', '\\' and control characters. */
+static int put_json_string(recsql_buf *b, const char *s, size_t n)
+{
+    char esc[8];
+    if (put(b, "\"", 1))
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') {
+            esc[0] = '\\', esc[1] = (char)c;
+            if (put(b, esc, 2))
+                return -1;
+        } else if (c < 0x20) {
+            if (put(b, esc, (size_t)snprintf(esc, sizeof esc, "\\u%04x", c)))
+                return -1;
+        } else if (put(b, s + i, 1)) {
+            return -1;
+        }
+    }
+    return put(b, "\"", 1);
+}
+
+/* event_time: a number stays a number; text of digits only (epoch seconds) becomes one. */
+static int put_event_time(recsql_buf *b, UDF_ARGS *args, unsigned i)
+{
+    char num[40];
+    const char *v = args->args[i];
+    size_t n = args->lengths[i];
+    switch (args->arg_type[i]) {
+    case INT_RESULT:
+        return put(b, num, (size_t)snprintf(num, sizeof num, "%lld", *(const long long *)v));
+    case REAL_RESULT:
+        if (!isfinite(*(const double *)v))
+            return put(b, "null", 4);
+        return put(b, num, (size_t)snprintf(num, sizeof num, "%.17g", *(const double *)v));
+    default: {
+        size_t k = 0;
+        while (k < n && v[k] >= '0' && v[k] <= '9')
+            k++;
+        if (k == n && n > 0 && n < 18)
+            return put(b, v, n);
+        return put_json_string(b, v, n);
+    }
+    }
+}
+
+static int encode_event(recsql_buf *b, UDF_ARGS *args, const char *key, int64_t who,
+                        int64_t product)
+{
+    char head[160];
+    locale_t previous = c_locale ? uselocale(c_locale) : (locale_t)0;
+    b->len = 0;
+    int rc = put(b, head,
+                 (size_t)snprintf(head, sizeof head,
+                                  "{\"events\":[{\"%s\":%lld,\"product_id\":%lld", key,
+                                  (long long)who, (long long)product));
+    if (!rc && args->args[3])
+        rc = put(b, ",\"event_type\":", 14) || put_json_string(b, args->args[3], args->lengths[3]);
+    if (!rc && args->args[4])
+        rc = put(b, ",\"event_time\":", 14) || put_event_time(b, args, 4);
+    if (previous)
+        uselocale(previous);
+    return rc || put(b, "}]}", 3) ? -1 : 0;
+}
+
+static udf_bool event_init(UDF_INIT *initid, UDF_ARGS *args, char *message, const char *fn,
+                           const char *key)
+{
+    if (args->arg_count != 5) {
+        snprintf(message, 80, "%s(endpoint_name, %s, product_id, event_type, event_time)", fn, key);
+        return 1;
+    }
+    if (invoke_init(initid, args, message, fn))
+        return 1;
+    args->arg_type[3] = STRING_RESULT; /* event_type is text; event_time keeps a number */
+    initid->max_length = 21;
+    ((call_state *)initid->ptr)->event_key = key;
+    return 0;
+}
+
+static long long send_event(UDF_INIT *initid, UDF_ARGS *args, char *is_null)
+{
+    call_state *st = (call_state *)initid->ptr;
+    char *name = st->name, err[RECSQL_ERR_MAX], shown[48];
+    static const char *const fields[2] = {"id", "product_id"};
+    recsql_endpoint ep;
+    int64_t ids[2];
+    int transport;
+    long status;
+    *is_null = 1;
+    has_error = 0;
+    last_error[0] = '\0';
+    pthread_once(&c_locale_once, make_c_locale);
+    if (!args->args[0] || args->lengths[0] == 0 || args->lengths[0] > RECSQL_NAME_MAX ||
+        memchr(args->args[0], '\0', args->lengths[0])) {
+        fail(st, "", "endpoint name is NULL, empty or too long");
+        return 0;
+    }
+    memcpy(name, args->args[0], args->lengths[0]);
+    name[args->lengths[0]] = '\0';
+    if (!args->args[1] || !args->args[2])
+        return 0; /* NULL id or product: not sent */
+    for (unsigned k = 0; k < 2; k++)
+        if (!read_id(args, k + 1, &ids[k])) {
+            snprintf(err, sizeof err, "endpoint '%.40s': %s is not a 64-bit integer id", name,
+                     k ? fields[1] : st->event_key);
+            snprintf(last_error, sizeof last_error, "%s", err);
+            has_error = 1;
+            *is_null = 0;
+            return 0; /* a bad row: rejected, as the server would */
+        }
+    if (recsql_endpoint_lookup(name, &ep, err))
+        return fail(st, name, err), 0;
+    if (ep.local) {
+        snprintf(err, sizeof err, "endpoint '%.40s' is an in-server model: events need a URL", name);
+        return fail(st, name, err), 0;
+    }
+    if (encode_event(&st->line, args, st->event_key, ids[0], ids[1])) {
+        snprintf(err, sizeof err, "endpoint '%.40s': event longer than %d bytes", name, MAX_LINE);
+        return fail(st, name, err), 0;
+    }
+    if (!recsql_http_post(&ep, NULL, 1, st->line.data, st->line.len, &st->reply, err, &transport,
+                          &status)) {
+        recsql_endpoint_report(name, 0);
+        *is_null = 0;
+        return 1;
+    }
+    recsql_endpoint_report(name, transport);
+    if (status == 400) { /* the server rejected this row: say why, log nothing */
+        size_t n = st->reply.len;
+        while (n && (st->reply.data[n - 1] == '\n' || st->reply.data[n - 1] == '\r'))
+            n--;
+        recsql_sanitize(shown, sizeof shown, n ? st->reply.data : "", n);
+        snprintf(last_error, sizeof last_error, "endpoint '%.40s' rejected the event: %s", name,
+                 shown);
+        has_error = 1;
+        *is_null = 0;
+        return 0;
+    }
+    return fail(st, name, err), 0;
+}
+
+UDF_EXPORT udf_bool recsql_event_init(UDF_INIT *initid, UDF_ARGS *args, char *message)
+{
+    return event_init(initid, args, message, "recsql_event", "user_id");
+}
+
+UDF_EXPORT void recsql_event_deinit(UDF_INIT *initid) { invoke_deinit(initid); }
+
+UDF_EXPORT long long recsql_event(UDF_INIT *initid, UDF_ARGS *args, char *is_null, char *error)
+{
+    (void)error;
+    return send_event(initid, args, is_null);
+}
+
+UDF_EXPORT udf_bool recsql_session_event_init(UDF_INIT *initid, UDF_ARGS *args, char *message)
+{
+    return event_init(initid, args, message, "recsql_session_event", "session_id");
+}
+
+UDF_EXPORT void recsql_session_event_deinit(UDF_INIT *initid) { invoke_deinit(initid); }
+
+UDF_EXPORT long long recsql_session_event(UDF_INIT *initid, UDF_ARGS *args, char *is_null,
+                                          char *error)
+{
+    (void)error;
+    return send_event(initid, args, is_null);
 }

@@ -7,6 +7,8 @@
 CREATE FUNCTION IF NOT EXISTS recsql_invoke RETURNS REAL SONAME 'recsql_udf.so';
 CREATE FUNCTION IF NOT EXISTS recsql_invoke_str RETURNS STRING SONAME 'recsql_udf.so';
 CREATE FUNCTION IF NOT EXISTS recsql_similar RETURNS REAL SONAME 'recsql_udf.so';
+CREATE FUNCTION IF NOT EXISTS recsql_event RETURNS INTEGER SONAME 'recsql_udf.so';
+CREATE FUNCTION IF NOT EXISTS recsql_session_event RETURNS INTEGER SONAME 'recsql_udf.so';
 CREATE FUNCTION IF NOT EXISTS recsql_last_error RETURNS STRING SONAME 'recsql_udf.so';
 CREATE FUNCTION IF NOT EXISTS recsql_endpoints_path RETURNS STRING SONAME 'recsql_udf.so';
 
