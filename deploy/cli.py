@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,12 @@ typical session:
   recsql deploy autoscale recsql --min 1 --max 4
   recsql deploy update recsql --model-dir model-v2
   recsql deploy delete recsql --purge-s3
+
+A/B test, shadow, data capture:
+  recsql deploy endpoint recsql --variant A=model:0.9 --variant B=model-v2:0.1 \
+      --autoscale 1:4 --capture-s3 s3://BUCKET/capture --capture-percent 20
+  recsql deploy weights recsql A=0.5 B=0.5
+  recsql deploy endpoint recsql-shadow --variant live=model --shadow candidate=model-v2
 """
 
 
@@ -43,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _package(sub)
     _endpoint(sub, "endpoint", "create an endpoint (model + endpoint config + endpoint)")
     _endpoint(sub, "update", "switch a live endpoint to a new model, then drop the old one")
+    _weights(sub)
     _delete(sub)
     _autoscale(sub)
     _transform(sub)
@@ -105,14 +114,49 @@ def _endpoint(sub: argparse._SubParsersAction, name: str, help_text: str) -> Non
         help="model directory to package and upload (repeat with --multi-model)",
     )
     src.add_argument("--model-data", help="model.tar.gz already in S3 (or an MME prefix)")
+    src.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME=SOURCE[:WEIGHT]",
+        help="a production variant (repeat): SOURCE is a model directory or an s3:// "
+        "model.tar.gz, WEIGHT its share of traffic relative to the others (default 1)",
+    )
+    p.add_argument(
+        "--shadow",
+        action="append",
+        metavar="NAME=SOURCE[:WEIGHT]",
+        help="a shadow variant: gets a copy of the requests of the one production "
+        "variant, its replies are dropped (SageMaker allows one)",
+    )
     p.add_argument(
         "--multi-model",
         action="store_true",
         help="multi-model endpoint: models are <prefix>/<name>.tar.gz, picked per "
         "request with TargetModel",
     )
-    p.add_argument("--instance-type", default="ml.m5.large", help="(default ml.m5.large)")
-    p.add_argument("--instance-count", type=int, default=1)
+    p.add_argument(
+        "--instance-type", default="ml.m5.large", help="every variant's (default ml.m5.large)"
+    )
+    p.add_argument("--instance-count", type=int, default=1, help="every variant's (default 1)")
+    p.add_argument(
+        "--autoscale",
+        metavar="MIN:MAX[:TARGET]",
+        help="once InService, target-tracking autoscaling of each production variant "
+        "between MIN and MAX instances at TARGET requests per instance per minute "
+        "(default 1000)",
+    )
+    p.add_argument(
+        "--capture-s3",
+        metavar="S3_URI",
+        help="data capture: copy requests and replies to s3://bucket/prefix "
+        "(the role must be able to write there)",
+    )
+    p.add_argument(
+        "--capture-percent",
+        type=int,
+        default=100,
+        help="percentage of requests captured (default 100)",
+    )
     p.add_argument(
         "--env",
         action="append",
@@ -132,41 +176,122 @@ def _run_endpoint(session: Any, cfg: d.AwsConfig, args: argparse.Namespace) -> i
     d.check_name(args.endpoint)
     if args.model_dir and len(args.model_dir) > 1 and not args.multi_model:
         raise BadRequest("several --model-dir need --multi-model")
+    if args.autoscale and args.no_wait:
+        raise BadRequest("--autoscale needs the endpoint InService: drop --no-wait")
+    if len(args.shadow or []) > 1:
+        raise BadRequest("one --shadow at most (SageMaker allows one shadow variant)")
     env = _parse_env(args.env)
     role, image = cfg.need("role_arn"), cfg.need("image_uri")
-    data = args.model_data
-    if args.model_dir:
-        prefix = d.model_data_prefix(cfg, args.endpoint)
-        if args.multi_model:
-            prefix += "/models"
-        uris = d.package_to_s3(session, args.model_dir, prefix, not args.no_progress)
-        if args.multi_model:
-            # several dirs named alike would overwrite each other in the prefix
-            if len(set(uris)) != len(uris):
-                raise BadRequest("--model-dir folders must have distinct names")
-            data = prefix + "/"
-        else:
-            data = uris[0]
+    scaling = _parse_autoscale(args.autoscale) if args.autoscale else None
+    capture = d.DataCapture(args.capture_s3, args.capture_percent) if args.capture_s3 else None
     spec = d.EndpointSpec(
         args.endpoint,
         image,
         role,
-        data,
+        args.model_data or (str(args.model_dir[0]) if args.model_dir else ""),
         args.multi_model,
         args.instance_type,
         args.instance_count,
         env,
+        variants=[_parse_variant(text, "--variant") for text in args.variant or []],
+        shadow=_parse_variant(args.shadow[0], "--shadow") if args.shadow else None,
+        capture=capture,
     )
-    wait = {"poll_s": args.poll, "progress": not args.no_progress}
+    d.check_variants(spec)  # names and weights, before packaging and uploading anything
+    if capture:
+        d.check_capture_bucket(session.client("s3"), capture)
+    # sources -> S3: a model directory is checked, packed and uploaded; s3:// stays as it is
+    progress = not args.no_progress
+    prefix = d.model_data_prefix(cfg, args.endpoint)
+    data = _upload_model_dirs(session, args, prefix) if args.model_dir else args.model_data
+    spec = replace(
+        spec,
+        model_data=data or "",
+        variants=[_variant_data(session, v, prefix, progress) for v in spec.variants],
+        shadow=spec.shadow and _variant_data(session, spec.shadow, prefix, progress),
+    )
+    wait = {"poll_s": args.poll, "progress": progress}
     if args.deploy_command == "update":
         config = d.update_endpoint(session, spec, not args.no_wait, args.keep_old, **wait)
     else:
         config = d.deploy_endpoint(session, spec, not args.no_wait, **wait)
     state = "accepted" if args.no_wait else "InService"
-    print(f"endpoint {args.endpoint}: {state} (config {config}, model data {data})")
+    where = f"model data {data}" if data else f"{len(spec.production())} variant(s)"
+    print(f"endpoint {args.endpoint}: {state} (config {config}, {where})")
     if args.multi_model:
         print(f"invoke a model with TargetModel=<name>.tar.gz; add models under {data}")
+    if scaling:
+        for variant in d.production_variants(session.client("sagemaker"), args.endpoint):
+            policy = d.autoscale(session, args.endpoint, *scaling, variant=variant)
+            print(
+                f"autoscaling {args.endpoint}/{variant}: {scaling[0]}-{scaling[1]} "
+                f"instances, policy {policy}"
+            )
+    if not args.no_wait:
+        info = session.client("sagemaker").describe_endpoint(EndpointName=args.endpoint)
+        print("\n".join(d.describe_variants(info)))
     return 0
+
+
+def _upload_model_dirs(session: Any, args: argparse.Namespace, prefix: str) -> str:
+    """--model-dir: one model.tar.gz, or (multi-model) <name>.tar.gz each under one prefix."""
+    if args.multi_model:
+        prefix += "/models"
+    uris = d.package_to_s3(session, args.model_dir, prefix, not args.no_progress)
+    if not args.multi_model:
+        return uris[0]
+    # several dirs named alike would overwrite each other in the prefix
+    if len(set(uris)) != len(uris):
+        raise BadRequest("--model-dir folders must have distinct names")
+    return prefix + "/"
+
+
+def _parse_variant(text: str, flag: str) -> d.Variant:
+    """`NAME=SOURCE[:WEIGHT]` -> a Variant whose model_data is still the SOURCE. A last
+    `:part` without a slash is the weight, so `s3://bucket/key` needs none."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise BadRequest(f"{flag} {text!r}: expected NAME=MODEL_DIR_OR_S3_URI[:WEIGHT]")
+    source, colon, tail = rest.rpartition(":")
+    weight = 1.0
+    if colon and "/" not in tail:
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise BadRequest(f"{flag} {text!r}: weight {tail!r} is not a number") from None
+    else:
+        source = rest
+    if not source:
+        raise BadRequest(f"{flag} {text!r}: no model directory or s3:// URI")
+    d.check_name(name, "variant")
+    if not source.startswith("s3://") and not Path(source).is_dir():
+        raise BadRequest(f"{flag} {text!r}: {source} is not a model directory or an s3:// URI")
+    return d.Variant(name, source, weight)
+
+
+def _variant_data(session: Any, variant: d.Variant, prefix: str, progress: bool) -> d.Variant:
+    """An s3:// source is used as it is; a directory is checked, packed and uploaded."""
+    if variant.model_data.startswith("s3://"):
+        d.split_s3_uri(variant.model_data)
+        return variant
+    source = Path(variant.model_data)
+    (uri,) = d.package_to_s3(session, [source], f"{prefix}/{variant.name}", progress)
+    return replace(variant, model_data=uri)
+
+
+def _parse_autoscale(text: str) -> tuple[int, int, float]:
+    """`MIN:MAX[:TARGET]` -> (min, max, target invocations per instance per minute)."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        low, high = int(parts[0]), int(parts[1])
+        target = float(parts[2]) if len(parts) == 3 else 1000.0
+    except ValueError:
+        raise BadRequest(f"--autoscale {text!r}: expected MIN:MAX[:TARGET], e.g. 1:4:500") from None
+    if not 1 <= low <= high or not (math.isfinite(target) and target > 0):
+        raise BadRequest(f"--autoscale {text!r}: need 1 <= MIN <= MAX and TARGET > 0")
+    return low, high, target
 
 
 def _parse_env(items: list[str]) -> dict[str, str]:
@@ -177,6 +302,41 @@ def _parse_env(items: list[str]) -> dict[str, str]:
             raise BadRequest(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
     return env
+
+
+def _weights(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "weights",
+        help="shift traffic between the variants of a live endpoint",
+        description="Set variant weights with UpdateEndpointWeightsAndCapacities (no "
+        "redeploy), wait until SageMaker applied them, and print each variant's share. "
+        "Variants not named keep their weight.",
+    )
+    p.add_argument("endpoint")
+    p.add_argument("weights", nargs="+", metavar="NAME=WEIGHT")
+    p.add_argument("--no-wait", action="store_true", help="return once SageMaker accepted it")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between status checks")
+    _aws(p)
+    p.set_defaults(func=d.run_with_session(_run_weights))
+
+
+def _run_weights(session: Any, cfg: d.AwsConfig, args: argparse.Namespace) -> int:
+    weights: dict[str, float] = {}
+    for item in args.weights:
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value) if sep and name else None
+        except ValueError:
+            weight = None
+        if weight is None:
+            raise BadRequest(f"{item!r}: expected NAME=WEIGHT, e.g. A=0.9")
+        if name in weights:
+            raise BadRequest(f"variant {name} given twice")
+        weights[d.check_name(name, "variant")] = weight
+    info = d.set_weights(session, args.endpoint, weights, not args.no_wait, args.poll)
+    print(f"endpoint {args.endpoint}: {info['EndpointStatus']}")
+    print("\n".join(d.describe_variants(info)))
+    return 0
 
 
 def _delete(sub: argparse._SubParsersAction) -> None:
@@ -216,7 +376,7 @@ def _autoscale(sub: argparse._SubParsersAction) -> None:
         "track SageMakerVariantInvocationsPerInstance (requests per minute).",
     )
     p.add_argument("endpoint")
-    p.add_argument("--variant", default=d.VARIANT)
+    p.add_argument("--variant", help="(default: every production variant)")
     p.add_argument("--min", dest="min_instances", type=int, default=1)
     p.add_argument("--max", dest="max_instances", type=int, default=4)
     p.add_argument(
@@ -230,18 +390,21 @@ def _autoscale(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_autoscale(session: Any, cfg: d.AwsConfig, args: argparse.Namespace) -> int:
-    policy = d.autoscale(
-        session,
-        d.check_name(args.endpoint),
-        args.min_instances,
-        args.max_instances,
-        args.invocations_per_instance,
-        args.variant,
-    )
-    print(
-        f"autoscaling {args.endpoint}/{args.variant}: {args.min_instances}-"
-        f"{args.max_instances} instances, policy {policy}"
-    )
+    endpoint = d.check_name(args.endpoint)
+    variants = [args.variant] if args.variant else None
+    for variant in variants or d.production_variants(session.client("sagemaker"), endpoint):
+        policy = d.autoscale(
+            session,
+            endpoint,
+            args.min_instances,
+            args.max_instances,
+            args.invocations_per_instance,
+            variant,
+        )
+        print(
+            f"autoscaling {endpoint}/{variant}: {args.min_instances}-"
+            f"{args.max_instances} instances, policy {policy}"
+        )
     return 0
 
 

@@ -1,8 +1,10 @@
 """`recsql deploy`: ship models to SageMaker through boto3, and take them down again.
 
     package    model dir -> model.tar.gz (checked by loading it first), optional S3 upload
-    endpoint   upload, create model + endpoint config + endpoint (single or multi-model), wait
-    update     new model + config for a live endpoint, switch it over, drop the old ones
+    endpoint   upload, create models + endpoint config + endpoint (single or multi-model, or
+               several weighted variants, a shadow, data capture, autoscaling), wait
+    update     new models + config for a live endpoint, switch it over, drop the old ones
+    weights    shift traffic between the variants of a live endpoint
     delete     endpoint, its configs, models, autoscaling target (and S3 data with --purge-s3)
     autoscale  target-tracking policy on InvocationsPerInstance for an endpoint variant
     transform  Batch Transform of a CSV in S3 (text/csv, SplitType Line, MultiRecord, Line)
@@ -10,8 +12,9 @@
     pipeline   a SageMaker Pipelines definition (prepare -> train -> model -> deploy) as JSON
     aurora     let an Aurora MySQL cluster call the endpoint (db/aurora.py)
 
-Names: the model and endpoint config of endpoint E are `E-<UTC stamp>`, and model data
-goes to s3://BUCKET/PREFIX/E/<stamp>/model.tar.gz, so an update never overwrites data a
+Names: the model and endpoint config of endpoint E are `E-<UTC stamp>` (with variants, each
+variant V has its own model `E-V-<stamp>`), and model data goes to
+s3://BUCKET/PREFIX/E/<stamp>/[V/]model.tar.gz, so an update never overwrites data a
 running instance may still download (autoscaling fetches ModelDataUrl again).
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import tempfile
@@ -133,7 +137,7 @@ def upload(s3: Any, path: Path, uri: str, progress: bool = True) -> str:
         key += Path(path).name
     _check_bucket(s3, bucket)
     size = Path(path).stat().st_size
-    from training.progress import progress_bar
+    from model.progress import progress_bar
 
     with progress_bar(
         total=size,
@@ -144,6 +148,11 @@ def upload(s3: Any, path: Path, uri: str, progress: bool = True) -> str:
     ) as bar:
         s3.upload_file(str(path), bucket, key, Callback=bar.update)
     return f"s3://{bucket}/{key}"
+
+
+def check_capture_bucket(s3: Any, capture: DataCapture) -> None:
+    """SageMaker only finds a missing capture bucket once requests fail to be copied."""
+    _check_bucket(s3, split_s3_uri(capture.destination)[0])
 
 
 def _check_bucket(s3: Any, bucket: str) -> None:
@@ -161,22 +170,118 @@ def _check_bucket(s3: Any, bucket: str) -> None:
 # ------------------------------------------------------------------------ endpoints
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One model behind an endpoint; its share of traffic is weight / sum of the weights."""
+
+    name: str
+    model_data: str  # s3://.../model.tar.gz
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataCapture:
+    """Requests and replies SageMaker copies to S3 as JSON lines (CONTRACTS.md section 9)."""
+
+    destination: str  # s3://bucket/prefix: files land under <prefix>/<endpoint>/<variant>/...
+    sampling_percent: int = 100
+
+    def request(self) -> dict[str, Any]:
+        return {
+            "EnableCapture": True,
+            "InitialSamplingPercentage": self.sampling_percent,
+            "DestinationS3Uri": self.destination,
+            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+            # these are stored as text; anything else (x-npy) arrives base64-encoded
+            "CaptureContentTypeHeader": {
+                "CsvContentTypes": ["text/csv"],
+                "JsonContentTypes": ["application/json", "application/jsonlines"],
+            },
+        }
+
+
 @dataclass
 class EndpointSpec:
     name: str
     image_uri: str
     role_arn: str
-    model_data: str  # s3://.../model.tar.gz, or the S3 prefix of a multi-model endpoint
+    model_data: str = ""  # s3://.../model.tar.gz, or the S3 prefix of a multi-model endpoint
     multi_model: bool = False
-    instance_type: str = "ml.m5.large"
+    instance_type: str = "ml.m5.large"  # every variant, the shadow included, runs on these
     instance_count: int = 1
     environment: dict[str, str] = field(default_factory=dict)
+    variants: list[Variant] = field(default_factory=list)  # empty: model_data as AllTraffic
+    shadow: Variant | None = None
+    capture: DataCapture | None = None
+
+    def production(self) -> list[Variant]:
+        return self.variants or [Variant(VARIANT, self.model_data)]
+
+    def every_variant(self) -> list[Variant]:
+        return self.production() + ([self.shadow] if self.shadow else [])
 
 
-def create_model(sm: Any, model_name: str, spec: EndpointSpec) -> str:
+def check_variants(spec: EndpointSpec) -> None:
+    """Refuse what SageMaker would refuse later (or silently route nowhere), in one line."""
+    production = spec.production()
+    every = spec.every_variant()
+    names = [v.name for v in every]
+    for variant in every:
+        check_name(variant.name, "variant")
+        if not variant.model_data:
+            raise BadRequest(f"variant {variant.name}: no model data")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BadRequest(f"variant names must differ: {', '.join(duplicates)} given twice")
+    check_weights({v.name: v.weight for v in production})
+    if spec.shadow:
+        if len(production) != 1:
+            raise BadRequest("a shadow variant needs exactly one production variant (SageMaker)")
+        if not spec.shadow.weight > 0:
+            raise BadRequest(f"shadow variant {spec.shadow.name}: weight must be > 0")
+    if spec.multi_model and (spec.variants or spec.shadow):
+        raise BadRequest("a multi-model endpoint takes one model prefix, not variants")
+    if spec.capture:
+        split_s3_uri(spec.capture.destination)
+        if not 0 <= spec.capture.sampling_percent <= 100:
+            raise BadRequest(f"--capture-percent {spec.capture.sampling_percent}: expected 0..100")
+
+
+def check_weights(weights: Mapping[str, float], one_positive: bool = True) -> None:
+    """Weights are >= 0 and finite, and (the production variants' weights, all together)
+    at least one is > 0: else no variant gets traffic."""
+    for name, weight in weights.items():
+        if not (math.isfinite(weight) and weight >= 0):
+            raise BadRequest(f"variant {name}: weight {weight} must be a number >= 0")
+    if one_positive and weights and not any(w > 0 for w in weights.values()):
+        raise BadRequest("every production variant weight is 0: no variant would get traffic")
+
+
+def _model_names(spec: EndpointSpec, resource: str) -> dict[str, str]:
+    """Variant -> model name: `E-<stamp>` for the plain single model (as before variants
+    existed, so `update` keeps its names), else `E-<variant>-<stamp>`."""
+    variants = spec.every_variant()
+    if not spec.variants and not spec.shadow:
+        return {VARIANT: resource}
+    stamp = resource[-(_STAMP_LEN - 1) :]
+    names = {
+        v.name: f"{f'{spec.name}-{v.name}'[: 63 - _STAMP_LEN].rstrip('-')}-{stamp}"
+        for v in variants
+    }
+    if len(set(names.values())) != len(names):
+        raise BadRequest(
+            f"endpoint and variant names too long to give each variant its own model name "
+            f"(63 characters): shorten them ({', '.join(names)})"
+        )
+    return names
+
+
+def create_model(
+    sm: Any, model_name: str, spec: EndpointSpec, model_data: str | None = None
+) -> str:
     container: dict[str, Any] = {
         "Image": spec.image_uri,
-        "ModelDataUrl": spec.model_data,
+        "ModelDataUrl": model_data or spec.model_data,
         "Environment": dict(spec.environment),
     }
     if spec.multi_model:
@@ -190,32 +295,49 @@ def create_model(sm: Any, model_name: str, spec: EndpointSpec) -> str:
     return model_name
 
 
-def create_endpoint_config(sm: Any, config_name: str, model_name: str, spec: EndpointSpec) -> str:
-    sm.create_endpoint_config(
-        EndpointConfigName=config_name,
-        ProductionVariants=[
-            {
-                "VariantName": VARIANT,
-                "ModelName": model_name,
-                "InitialInstanceCount": spec.instance_count,
-                "InstanceType": spec.instance_type,
-                "InitialVariantWeight": 1.0,
-            }
-        ],
-        Tags=[{"Key": "recsql:endpoint", "Value": spec.name}],
-    )
+def create_endpoint_config(
+    sm: Any, config_name: str, models: Mapping[str, str], spec: EndpointSpec
+) -> str:
+    """One config: the production variants, the shadow if any, data capture if asked."""
+
+    def variant(v: Variant) -> dict[str, Any]:
+        return {
+            "VariantName": v.name,
+            "ModelName": models[v.name],
+            "InitialInstanceCount": spec.instance_count,
+            "InstanceType": spec.instance_type,
+            "InitialVariantWeight": float(v.weight),
+        }
+
+    request: dict[str, Any] = {
+        "EndpointConfigName": config_name,
+        "ProductionVariants": [variant(v) for v in spec.production()],
+        "Tags": [{"Key": "recsql:endpoint", "Value": spec.name}],
+    }
+    if spec.shadow:
+        request["ShadowProductionVariants"] = [variant(spec.shadow)]
+    if spec.capture:
+        request["DataCaptureConfig"] = spec.capture.request()
+    sm.create_endpoint_config(**request)
     return config_name
 
 
+def _create_models_and_config(sm: Any, spec: EndpointSpec, resource: str) -> str:
+    check_variants(spec)
+    models = _model_names(spec, resource)
+    for v in spec.every_variant():
+        create_model(sm, models[v.name], spec, v.model_data)
+    return create_endpoint_config(sm, resource, models, spec)
+
+
 def deploy_endpoint(session: Any, spec: EndpointSpec, wait: bool = True, **wait_args: Any) -> str:
-    """Create model, endpoint config and endpoint; returns the config name."""
+    """Create the models, the endpoint config and the endpoint; returns the config name."""
     sm = session.client("sagemaker")
     check_name(spec.name)
+    check_variants(spec)
     if _endpoint_status(sm, spec.name) is not None:
         raise BadRequest(f"endpoint {spec.name} exists: use `recsql deploy update`")
-    resource = stamped(spec.name)
-    create_model(sm, resource, spec)
-    create_endpoint_config(sm, resource, resource, spec)
+    resource = _create_models_and_config(sm, spec, stamped(spec.name))
     sm.create_endpoint(
         EndpointName=spec.name,
         EndpointConfigName=resource,
@@ -230,14 +352,16 @@ def deploy_endpoint(session: Any, spec: EndpointSpec, wait: bool = True, **wait_
 def update_endpoint(
     session: Any, spec: EndpointSpec, wait: bool = True, keep_old: bool = False, **wait_args: Any
 ) -> str:
-    """Point a live endpoint at a new model; drop the old config and model once it is live."""
+    """Point a live endpoint at new models; drop the old config and models once it is live."""
     sm = session.client("sagemaker")
+    check_variants(spec)
     old = _describe_endpoint(sm, spec.name)
     resource = stamped(spec.name)
     if resource == old["EndpointConfigName"]:
         raise BadRequest(f"endpoint {spec.name} was updated less than a second ago; retry")
-    create_model(sm, resource, spec)
-    create_endpoint_config(sm, resource, resource, spec)
+    _create_models_and_config(sm, spec, resource)
+    for line in _release_autoscaling(session, spec, old["EndpointConfigName"]):
+        log.warning("updating endpoint %s: deregistered %s", spec.name, line)
     sm.update_endpoint(EndpointName=spec.name, EndpointConfigName=resource)
     log.info("updating endpoint %s: %s -> %s", spec.name, old["EndpointConfigName"], resource)
     if wait:
@@ -247,11 +371,84 @@ def update_endpoint(
     return resource
 
 
+def set_weights(
+    session: Any,
+    endpoint: str,
+    weights: Mapping[str, float],
+    wait: bool = True,
+    poll_s: float = 30.0,
+    timeout_s: float = 3600.0,
+) -> dict[str, Any]:
+    """Shift traffic with UpdateEndpointWeightsAndCapacities; returns DescribeEndpoint after.
+
+    Checked first against DescribeEndpoint, so a typo in a variant name is a clear error
+    rather than a half-applied change; variants not named keep their weight.
+    """
+    sm = session.client("sagemaker")
+    if not weights:
+        raise BadRequest("give at least one NAME=WEIGHT")
+    info = _describe_endpoint(sm, check_name(endpoint))
+    production = {v["VariantName"]: v for v in info.get("ProductionVariants", [])}
+    shadows = {v["VariantName"] for v in info.get("ShadowProductionVariants", [])}
+    unknown = [n for n in weights if n not in production and n not in shadows]
+    if unknown:
+        raise BadRequest(
+            f"endpoint {endpoint} has no variant {', '.join(unknown)} "
+            f"(it has {', '.join([*production, *sorted(shadows)])})"
+        )
+    after = {n: float(v.get("CurrentWeight", 0.0)) for n, v in production.items()}
+    after.update({n: w for n, w in weights.items() if n in production})
+    check_weights({n: float(w) for n, w in weights.items()}, one_positive=False)
+    check_weights(after)
+    sm.update_endpoint_weights_and_capacities(
+        EndpointName=endpoint,
+        DesiredWeightsAndCapacities=[
+            {"VariantName": n, "DesiredWeight": float(w)} for n, w in weights.items()
+        ],
+    )
+    log.info("endpoint %s: weights %s", endpoint, dict(weights))
+    if not wait:
+        return _describe_endpoint(sm, endpoint)
+    deadline = time.monotonic() + timeout_s
+    while True:  # InService alone may still be the state from before the call
+        wait_for_endpoint(sm, endpoint, poll_s, max(deadline - time.monotonic(), 0), False)
+        info = _describe_endpoint(sm, endpoint)
+        current = {
+            v["VariantName"]: v.get("CurrentWeight", 0.0)
+            for v in info.get("ProductionVariants", []) + info.get("ShadowProductionVariants", [])
+        }
+        if all(math.isclose(current.get(n, -1.0), w) for n, w in weights.items()):
+            return info
+        if time.monotonic() > deadline:
+            raise RecsqlError(f"endpoint {endpoint}: weights still {current} after {timeout_s} s")
+        time.sleep(poll_s)
+
+
+def describe_variants(info: Mapping[str, Any]) -> list[str]:
+    """DescribeEndpoint as lines: each variant's weight, share of traffic and instances."""
+    production = info.get("ProductionVariants", [])
+    total = sum(v.get("CurrentWeight", 0.0) for v in production)
+
+    def instances(v: Mapping[str, Any]) -> str:
+        count = v.get("CurrentInstanceCount")
+        return "" if count is None else f", {count} instance(s)"
+
+    lines = []
+    for v in production:
+        weight = v.get("CurrentWeight", 0.0)
+        share = f"{100 * weight / total:.1f}%" if total else "-"
+        lines.append(f"  {v['VariantName']}: weight {weight:g} ({share} of traffic){instances(v)}")
+    for v in info.get("ShadowProductionVariants", []):
+        weight = v.get("CurrentWeight", 0.0)
+        lines.append(f"  {v['VariantName']} (shadow): weight {weight:g}{instances(v)}")
+    return lines
+
+
 def wait_for_endpoint(
     sm: Any, name: str, poll_s: float = 30.0, timeout_s: float = 3600.0, progress: bool = True
 ) -> str:
     """Poll until InService; a failed endpoint raises with SageMaker's FailureReason."""
-    from training.progress import progress_bar
+    from model.progress import progress_bar
 
     deadline = time.monotonic() + timeout_s
     with progress_bar(
@@ -277,22 +474,37 @@ def delete_endpoint(session: Any, name: str, purge_s3: str | None = None) -> lis
     info = _describe_endpoint(sm, name)
     aas = session.client("application-autoscaling")
     for variant in info.get("ProductionVariants", []):
-        resource_id = f"endpoint/{name}/variant/{variant['VariantName']}"
-        targets = aas.describe_scalable_targets(
-            ServiceNamespace="sagemaker", ResourceIds=[resource_id]
-        )["ScalableTargets"]
-        if targets:
-            aas.deregister_scalable_target(
-                ServiceNamespace="sagemaker",
-                ResourceId=resource_id,
-                ScalableDimension=SCALABLE_DIMENSION,
-            )
-            done.append(f"autoscaling target {resource_id}")
+        done += _deregister(aas, name, variant["VariantName"])
     sm.delete_endpoint(EndpointName=name)
     done.append(f"endpoint {name}")
     done += _delete_config_and_models(sm, info["EndpointConfigName"])
     if purge_s3:
         done += _purge_s3(session.client("s3"), purge_s3)
+    return done
+
+
+def _deregister(aas: Any, endpoint: str, variant: str) -> list[str]:
+    """Drop a variant's autoscaling target (and with it its policies), if it has one."""
+    resource_id = f"endpoint/{endpoint}/variant/{variant}"
+    targets = aas.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource_id])
+    if not targets["ScalableTargets"]:
+        return []
+    aas.deregister_scalable_target(
+        ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION
+    )
+    return [f"autoscaling target {resource_id}"]
+
+
+def _release_autoscaling(session: Any, spec: EndpointSpec, old_config: str) -> list[str]:
+    """UpdateEndpoint fails when it removes an autoscaled variant or changes its instance
+    type (SageMaker's "Update endpoints that use auto scaling"): deregister those first."""
+    sm, aas = session.client("sagemaker"), session.client("application-autoscaling")
+    kept = {v.name for v in spec.production()}
+    done = []
+    for variant in sm.describe_endpoint_config(EndpointConfigName=old_config)["ProductionVariants"]:
+        name = variant["VariantName"]
+        if name not in kept or variant.get("InstanceType") != spec.instance_type:
+            done += _deregister(aas, spec.name, name)
     return done
 
 
@@ -306,7 +518,7 @@ def _delete_config_and_models(sm: Any, config_name: str) -> list[str]:
         return done  # already gone
     sm.delete_endpoint_config(EndpointConfigName=config_name)
     done.append(f"endpoint config {config_name}")
-    for variant in config["ProductionVariants"]:
+    for variant in config["ProductionVariants"] + config.get("ShadowProductionVariants", []):
         try:
             sm.delete_model(ModelName=variant["ModelName"])
             done.append(f"model {variant['ModelName']}")
@@ -375,7 +587,11 @@ def autoscale(
         raise BadRequest(f"need 1 <= min ({min_instances}) <= max ({max_instances}) instances")
     if invocations_per_instance <= 0:
         raise BadRequest("--invocations-per-instance must be > 0")
-    _describe_endpoint(session.client("sagemaker"), endpoint)
+    names = production_variants(session.client("sagemaker"), endpoint)
+    if variant not in names:
+        raise BadRequest(
+            f"endpoint {endpoint} has no variant {variant} (it has {', '.join(names)})"
+        )
     aas = session.client("application-autoscaling")
     resource_id = f"endpoint/{endpoint}/variant/{variant}"
     aas.register_scalable_target(
@@ -402,6 +618,12 @@ def autoscale(
         },
     )
     return policy
+
+
+def production_variants(sm: Any, endpoint: str) -> list[str]:
+    """The endpoint's production variant names, as DescribeEndpoint lists them."""
+    info = _describe_endpoint(sm, endpoint)
+    return [v["VariantName"] for v in info.get("ProductionVariants", [])]
 
 
 def batch_transform(

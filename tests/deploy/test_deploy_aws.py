@@ -332,6 +332,8 @@ def test_deploy_help_explains(capsys) -> None:
         "transform",
         "ecr-commands",
         "autoscale",
+        "weights",
+        "--variant",
         "pipeline",
         "RECSQL_ROLE_ARN",
         "RECSQL_S3_BUCKET",
