@@ -7,6 +7,8 @@
  *   recsql_forest_predict  a tree ensemble laid out as perfect binary trees,
  *                          evaluated level by level over blocks of rows
  *   recsql_format_scores   scores -> "%.7g" text, the reply bodies' numbers
+ *   recsql_variant_fractions  user ids -> their routing fractions (model/variants.py):
+ *                          the top 52 bits of MD5 of each id's decimal text
  *
  * Neither allocates, keeps state or touches Python objects, so both run with
  * the GIL released. The module init below only lets `import model._native`
@@ -22,7 +24,7 @@
 #include <string.h>
 
 /* Bumped whenever a signature below changes: model/native.py refuses a stale build. */
-#define RECSQL_NATIVE_ABI 1
+#define RECSQL_NATIVE_ABI 2
 
 int32_t recsql_native_abi(void) { return RECSQL_NATIVE_ABI; }
 
@@ -309,6 +311,72 @@ int64_t recsql_format_scores(const double *values, int64_t n, char sep, const ch
     return p - out;
 }
 
+/* ------------------------------------------------------------------ variant fractions */
+
+/* MD5 (RFC 1321) of one short message, enough for the decimal text of an int64 (at most
+ * 20 bytes: one 64-byte block). K[i] = floor(|sin(i + 1)| * 2^32), made at load. */
+static uint32_t md5_k[64];
+static const uint8_t md5_r[64] = {7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22,
+                                  5, 9,  14, 20, 5, 9,  14, 20, 5, 9,  14, 20, 5, 9,  14, 20,
+                                  4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23,
+                                  6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21};
+
+static void init_md5(void) {
+    for (int i = 0; i < 64; i++)
+        md5_k[i] = (uint32_t)(fabs(sin((double)(i + 1))) * 4294967296.0);
+}
+
+static inline uint32_t rotl(uint32_t x, int c) { return (x << c) | (x >> (32 - c)); }
+
+/* The first 7 bytes of MD5(text[0..n)), n <= 55, as a big-endian number shifted to 52 bits. */
+static uint64_t md5_top52(const char *text, int n) {
+    uint8_t block[64] = {0};
+    uint32_t m[16];
+    memcpy(block, text, (size_t)n);
+    block[n] = 0x80;
+    uint64_t bits = (uint64_t)n * 8;
+    for (int i = 0; i < 8; i++)
+        block[56 + i] = (uint8_t)(bits >> (8 * i));
+    for (int i = 0; i < 16; i++)
+        m[i] = (uint32_t)block[4 * i] | (uint32_t)block[4 * i + 1] << 8 |
+               (uint32_t)block[4 * i + 2] << 16 | (uint32_t)block[4 * i + 3] << 24;
+    uint32_t a = 0x67452301, b = 0xefcdab89, c = 0x98badcfe, d = 0x10325476;
+    for (int i = 0; i < 64; i++) {
+        uint32_t f;
+        int g;
+        if (i < 16)
+            f = (b & c) | (~b & d), g = i;
+        else if (i < 32)
+            f = (d & b) | (~d & c), g = (5 * i + 1) % 16;
+        else if (i < 48)
+            f = b ^ c ^ d, g = (3 * i + 5) % 16;
+        else
+            f = c ^ (b | ~d), g = (7 * i) % 16;
+        uint32_t t = d;
+        d = c;
+        c = b;
+        b = b + rotl(a + f + md5_k[i] + m[g], md5_r[i]);
+        a = t;
+    }
+    a += 0x67452301, b += 0xefcdab89;
+    /* digest bytes 0..3 are a, little-endian; 4..6 the low three bytes of b */
+    uint64_t top = 0;
+    for (int i = 0; i < 4; i++)
+        top = top << 8 | ((a >> (8 * i)) & 0xff);
+    for (int i = 0; i < 3; i++)
+        top = top << 8 | ((b >> (8 * i)) & 0xff);
+    return top >> 4;
+}
+
+/* out[i] = md5_top52(decimal text of ids[i]) / 2^52: model/variants.py's text_fraction. */
+void recsql_variant_fractions(const int64_t *ids, int64_t n, double *out) {
+    char text[24];
+    for (int64_t i = 0; i < n; i++) {
+        int len = snprintf(text, sizeof text, "%lld", (long long)ids[i]);
+        out[i] = (double)md5_top52(text, len) / 4503599627370496.0; /* 2^52 */
+    }
+}
+
 /* ------------------------------------------------------------------ module */
 
 static struct PyModuleDef native_module = {
@@ -319,4 +387,7 @@ static struct PyModuleDef native_module = {
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }
 
-__attribute__((constructor)) static void native_loaded(void) { init_byte_class(); }
+__attribute__((constructor)) static void native_loaded(void) {
+    init_byte_class();
+    init_md5();
+}

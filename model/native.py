@@ -3,6 +3,7 @@
     CsvEncoder     a header-less CSV body -> the float32 feature matrix, one pass in C
     Forest         an XGBoost tree ensemble as perfect binary trees, scored in C
     format_scores  scores -> "%.7g" text for reply bodies, as Python formats them
+    variant_fractions  user ids -> their variant routing fractions (model/variants.py)
 
 The kernels are built at install time (setup.py) and loaded on first use, so a
 missing build fails a tabular model load with a message, not `import model`. C trusts
@@ -37,7 +38,7 @@ from model.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
-ABI = 1  # RECSQL_NATIVE_ABI in _native.c
+ABI = 2  # RECSQL_NATIVE_ABI in _native.c
 MAX_DEPTH = 12  # deeper trees stay with XGBoost's own predictor (2^depth leaves each)
 _TRANSFORMS = {"binary:logistic": 1, "reg:logistic": 1, "binary:logitraw": 0}
 _P = ctypes.c_void_p
@@ -64,6 +65,8 @@ def library() -> ctypes.CDLL:
     lib.recsql_count_records.argtypes = [_P, _I64]
     lib.recsql_format_scores.restype = _I64
     lib.recsql_format_scores.argtypes = [_P, _I64, ctypes.c_char, ctypes.c_char_p, _I64, _P]
+    lib.recsql_variant_fractions.restype = None
+    lib.recsql_variant_fractions.argtypes = [_P, _I64, _P]
     lib.recsql_forest_predict.restype = None
     lib.recsql_forest_predict.argtypes = [_P, _I64, _I64, _I32] + [_P] * 7 + [_F64, _I32, _P]
     return lib
@@ -97,6 +100,15 @@ def format_scores(values: np.ndarray, sep: bytes, null: bytes) -> bytes:
         _ptr(scores), len(scores), sep, null, len(null), _ptr(out)
     )
     return out[:length].tobytes()
+
+
+def variant_fractions(user_ids: np.ndarray) -> np.ndarray:
+    """model/variants.py's routing fraction of each id (the top 52 bits of MD5 of its
+    decimal text, over 2**52), about 10x faster than hashlib one id at a time."""
+    ids = np.ascontiguousarray(user_ids, np.int64)
+    out = np.empty(len(ids), np.float64)
+    library().recsql_variant_fractions(_ptr(ids), len(ids), _ptr(out))
+    return out
 
 
 # ---------------------------------------------------------------- CSV -> matrix

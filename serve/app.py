@@ -2,13 +2,19 @@
 
 Errors: every RecsqlError becomes its status with a one-line text body, in
 one handler; anything unexpected is a generic 500 whose traceback goes to
-the log only.
+the log only. An invocation's reply, error or not, names the production
+variant that took it (`X-Amzn-Invoked-Production-Variant`) once one was
+chosen; work a reply leaves behind (the shadow variant's) starts only once
+the reply has been sent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Callable, Iterator
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
@@ -17,7 +23,7 @@ from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException
 
 from model.errors import BadRequest, ModelNotFound, PayloadTooLarge, RecsqlError
-from serve.handlers import DataPlane, Invocation
+from serve.handlers import DataPlane, Invocation, error_headers
 from serve.openapi import OPENAPI
 
 log = logging.getLogger("recsql.serve")
@@ -58,7 +64,29 @@ def _invocation(body: bytes, headers: EnvironHeaders, target: str | None) -> Inv
         target_model=target,
         inference_id=headers.get("X-Amzn-SageMaker-Inference-Id"),
         headers=headers,  # case-insensitive; only user scripts read it
+        target_variant=headers.get("X-Amzn-SageMaker-Target-Variant") or None,
     )
+
+
+def _in_background(work: Callable[[], None] | None) -> None:
+    """Start `work` beside the request path: a greenlet under gevent workers (threading is
+    patched there), a thread otherwise. The work handles its own errors."""
+    if work is not None:
+        threading.Thread(target=work, name="recsql-after-reply", daemon=True).start()
+
+
+class _Body:
+    """A WSGI body whose close() (called by the server once the body is sent) starts the
+    reply's `after` work: the caller never waits for it."""
+
+    def __init__(self, body: bytes, after: Callable[[], None] | None) -> None:
+        self.body, self.after = body, after
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.body
+
+    def close(self) -> None:
+        _in_background(self.after)
 
 
 def _failure(exc: Exception, where: str) -> tuple[int, str]:
@@ -83,7 +111,7 @@ def create_app(dataplane: DataPlane) -> Flask:
     @app.errorhandler(Exception)
     def _error(exc: Exception) -> Response:
         status, message = _failure(exc, f"{request.method} {request.path}")
-        return Response(message, status, mimetype="text/plain")
+        return Response(message, status, headers=error_headers(exc), mimetype="text/plain")
 
     @app.get("/ping")
     def ping() -> Response:
@@ -97,9 +125,12 @@ def create_app(dataplane: DataPlane) -> Flask:
     def _invoke(target: str | None) -> Response:
         body = _read_body(config.max_payload_bytes)
         reply = dataplane.invoke(_invocation(body, request.headers, target))
-        return Response(
+        response = Response(
             reply.body, reply.status, headers=reply.headers, content_type=reply.content_type
         )
+        if reply.after is not None:
+            response.call_on_close(partial(_in_background, reply.after))
+        return response
 
     # Answered by _InvocationsFastPath below; registered so the route table (which the
     # OpenAPI document is checked against) names every path the server answers.
@@ -196,15 +227,16 @@ class _InvocationsFastPath:
             invocation = _invocation(body, headers, headers.get("X-Amzn-SageMaker-Target-Model"))
             reply = self.dataplane.invoke(invocation)
             status, body, content_type = reply.status, reply.body, reply.content_type
-            response_headers = list(reply.headers.items())
+            response_headers, after = list(reply.headers.items()), reply.after
         except Exception as exc:
             status, message = _failure(exc, "POST /invocations")
-            body, content_type, response_headers = message, "text/plain; charset=utf-8", []
+            body, content_type = message, "text/plain; charset=utf-8"
+            response_headers, after = list(error_headers(exc).items()), None
         if isinstance(body, str):
             body = body.encode()
         response_headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         start_response(f"{status} {HTTPStatus(status).phrase}", response_headers)
-        return [body]
+        return [body] if after is None else _Body(body, after)
 
     @staticmethod
     def _length(environ: dict[str, Any]) -> int | None:

@@ -23,6 +23,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, help="model directory (or RECSQL_MODEL_DIR)")
     p.add_argument("--name", dest="model_name", help="the model's name (default: model)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        dest="variants",
+        metavar="NAME=DIR[:WEIGHT]",
+        help="a production variant instead of --model-dir (repeat for A/B): each user goes to"
+        " one variant by weight (default 1), always the same (a hash of the user id)"
+        ' (or RECSQL_VARIANTS="a=/m/a:0.5,b=/m/b:0.5")',
+    )
+    p.add_argument(
+        "--shadow",
+        metavar="NAME=DIR",
+        help="a shadow variant: scores every request after the reply is sent; its answers"
+        " go to the metrics, the log and --capture only (or RECSQL_SHADOW)",
+    )
+    p.add_argument(
+        "--capture",
+        dest="capture_dir",
+        type=Path,
+        metavar="DIR",
+        help="data capture: write each variant's input and output under DIR"
+        " (or RECSQL_CAPTURE_DIR)",
+    )
+    p.add_argument(
+        "--capture-percent",
+        type=float,
+        metavar="P",
+        help="share of requests captured, 0-100 (default 100, or RECSQL_CAPTURE_PERCENT)",
+    )
     p.add_argument("--host", help="address to bind (default 127.0.0.1; container 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (default 8080 or SAGEMAKER_BIND_TO_PORT)")
     p.add_argument("--workers", type=int, help="worker processes (default: CPU count)")
@@ -59,6 +88,10 @@ def _run(args: argparse.Namespace) -> int:
         container=args.container,
         model_dir=args.model_dir,
         model_name=args.model_name,
+        variants=args.variants,
+        shadow=args.shadow,
+        capture_dir=args.capture_dir,
+        capture_percent=args.capture_percent,
         host=args.host,
         port=args.port,
         workers=args.workers,
@@ -69,8 +102,11 @@ def _run(args: argparse.Namespace) -> int:
         fallback=args.fallback,
         log_every=args.log_every,
     )
-    if config.model_dir is None and not config.multi_model:
-        raise RecsqlError("give --model-dir DIR (or --multi-model to load models via /models)")
+    if not config.production_variants and not config.multi_model:
+        raise RecsqlError(
+            "give --model-dir DIR, --variant NAME=DIR[:WEIGHT] (repeatable)"
+            " or --multi-model to load models via /models"
+        )
     return run(config)
 
 

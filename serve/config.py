@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import RecsqlError
+from model.variants import DEFAULT_VARIANT, check_name, parse_weight, shares
 
 MB = 1024 * 1024
 REALTIME_MAX_PAYLOAD = 6 * MB  # 6,291,456 bytes: the real-time InvokeEndpoint limit
@@ -25,9 +26,57 @@ LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
+class VariantSpec:
+    """One production (or shadow) variant: `--variant NAME=DIR[:WEIGHT]`, `--shadow NAME=DIR`."""
+
+    name: str
+    model_dir: Path
+    weight: float = 1.0
+
+
+def parse_variant(text: str, shadow: bool = False) -> VariantSpec:
+    """`NAME=DIR[:WEIGHT]` (a shadow takes no weight); a one-line error naming the spec."""
+    flag = "--shadow" if shadow else "--variant"
+    usage = "NAME=DIR" if shadow else "NAME=DIR[:WEIGHT]"
+    name, sep, rest = text.strip().partition("=")
+    if not sep or not name or not rest:
+        raise RecsqlError(f"{flag} {text!r}: write {usage}")
+    weight = 1.0
+    directory, colon, tail = rest.rpartition(":")
+    if not colon:
+        directory = rest
+    elif shadow:
+        raise RecsqlError(f"{flag} {text!r}: a shadow variant takes no weight; write {usage}")
+    else:
+        weight = parse_weight(tail, f"{flag} {text!r}")
+    if not directory:
+        raise RecsqlError(f"{flag} {text!r}: write {usage}")
+    try:
+        check_name(name)
+    except RecsqlError as exc:
+        raise RecsqlError(f"{flag} {text!r}: {exc}") from None
+    return VariantSpec(name, Path(directory), weight)
+
+
+def _variants(specs: Any) -> tuple[VariantSpec, ...]:
+    """CLI strings (a list) or RECSQL_VARIANTS (one comma-separated string) -> specs."""
+    if isinstance(specs, str):
+        specs = [s for s in specs.split(",") if s.strip()]
+    return tuple(s if isinstance(s, VariantSpec) else parse_variant(s) for s in specs)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     model_dir: Path | None = None  # the model served at startup (None: multi-model only)
     model_name: str = "model"  # its name in /models and /endpoints/<name>/invocations
+    # A/B: several startup models, each user sticky to one by weight (model/variants.py);
+    # empty: `model_dir` alone is the one variant, AllTraffic
+    variants: tuple[VariantSpec, ...] = ()
+    shadow: VariantSpec | None = None  # scores every request after the reply; never answers
+    capture_dir: Path | None = None  # data capture (serve/capture.py): each variant's in/out
+    capture_percent: float = 100.0  # share of requests captured
+    capture_max_file_mb: float = 64.0  # a new capture file once one passes this
+    capture_max_mb: float = 1024.0  # the capture folder's bound: oldest files go first
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -82,6 +131,41 @@ class ServeConfig:
                 )
         if self.max_payload_bytes < 1:
             raise RecsqlError("the payload limit must be positive")
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        if self.variants and self.model_dir is not None:
+            raise RecsqlError("give --model-dir or --variant NAME=DIR[:WEIGHT], not both")
+        if (self.variants or self.shadow) and self.multi_model:
+            raise RecsqlError(
+                "--variant/--shadow serve fixed models; --multi-model loads them through"
+                " /models: use one or the other"
+            )
+        if self.shadow is not None and not self.production_variants:
+            raise RecsqlError("--shadow needs a production model: --model-dir or --variant")
+        names = [v.name for v in self.production_variants]
+        names += [self.shadow.name] if self.shadow else []
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise RecsqlError(f"variant names must be unique; {', '.join(twice)} given twice")
+        if self.variants:
+            shares([v.weight for v in self.variants])  # a positive total
+        if not 0 <= self.capture_percent <= 100:
+            raise RecsqlError(f"capture percent must be 0..100, not {self.capture_percent:g}")
+        if not 0 < self.capture_max_file_mb <= self.capture_max_mb:
+            raise RecsqlError(
+                "need 0 < RECSQL_CAPTURE_MAX_FILE_MB <= RECSQL_CAPTURE_MAX_MB, not"
+                f" {self.capture_max_file_mb:g} and {self.capture_max_mb:g}"
+            )
+
+    @property
+    def production_variants(self) -> tuple[VariantSpec, ...]:
+        """The variants that answer requests: --variant ones, else --model-dir as AllTraffic."""
+        if self.variants:
+            return self.variants
+        if self.model_dir is not None:
+            return (VariantSpec(DEFAULT_VARIANT, self.model_dir),)
+        return ()
 
 
 def _flag(value: str | None) -> bool:
@@ -132,9 +216,20 @@ def from_env(
         model_dir = model_dir or (None if multi_model else str(CONTAINER_MODEL_DIR))
         model_root = model_root or str(CONTAINER_MODEL_ROOT)
     submit = env.get("SAGEMAKER_SUBMIT_DIRECTORY") or None
+    variants = _variants(flags.pop("variants", None) or env.get("RECSQL_VARIANTS") or "")
+    shadow = flags.pop("shadow", None) or env.get("RECSQL_SHADOW") or None
+    if variants and not env.get("RECSQL_MODEL_DIR") and flags.get("model_dir") is None:
+        model_dir = None  # the container default /opt/ml/model gives way to the variants
+    capture = env.get("RECSQL_CAPTURE_DIR") or None
     values: dict[str, Any] = {
         "model_dir": Path(model_dir) if model_dir else None,
         "model_name": env.get("RECSQL_MODEL_NAME") or "model",
+        "variants": variants,
+        "shadow": parse_variant(shadow, shadow=True) if isinstance(shadow, str) else shadow,
+        "capture_dir": Path(capture) if capture else None,
+        "capture_percent": _float(env, "RECSQL_CAPTURE_PERCENT", 100.0),
+        "capture_max_file_mb": _float(env, "RECSQL_CAPTURE_MAX_FILE_MB", 64.0),
+        "capture_max_mb": _float(env, "RECSQL_CAPTURE_MAX_MB", 1024.0),
         "host": "0.0.0.0" if container else "127.0.0.1",
         "port": _int(env, "SAGEMAKER_BIND_TO_PORT", 8080),
         "workers": workers,

@@ -6,6 +6,10 @@ second when they changed; the worker answering /metrics writes its own first;
 /metrics adds up every worker's file. Files of workers that have exited stay,
 so counters never go backwards when a worker is replaced. Other workers'
 figures can thus be up to a second old.
+
+Every series is labelled with the model and the production variant that answered
+(`variant="AllTraffic"` for a plain --model-dir; a shadow variant's own name), so
+an A/B test reads its request, row and latency figures per variant.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from model.variants import DEFAULT_VARIANT
+
 log = logging.getLogger(__name__)
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _HELP = {
-    "recsql_requests_total": ("counter", "Invocation requests by model and HTTP status."),
+    "recsql_requests_total": ("counter", "Invocation requests by model, variant and status."),
     "recsql_rows_total": ("counter", "Input records scored."),
     "recsql_null_rows_total": ("counter", "Records answered with no score (empty/null)."),
     "recsql_errors_total": ("counter", "Invocation requests answered with a 4xx or 5xx."),
@@ -35,7 +41,7 @@ class Metrics:
         self.folder = Path(folder) if folder else None
         self._lock = threading.Lock()
         self._counters: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self._hist: dict[str, list[float]] = {}  # model -> bucket counts + [sum, count]
+        self._hist: dict[str, list[float]] = {}  # model+variant labels -> buckets + [sum, count]
         self._flush_lock = threading.Lock()
         self._dirty = False
         self._pid = -1  # no flusher yet: started by the first request in each process
@@ -57,15 +63,23 @@ class Metrics:
             if self._dirty:
                 self.flush()
 
-    def observe(self, model: str, status: int, rows: int, null_rows: int, seconds: float) -> None:
+    def observe(
+        self,
+        model: str,
+        status: int,
+        rows: int,
+        null_rows: int,
+        seconds: float,
+        variant: str = DEFAULT_VARIANT,
+    ) -> None:
         self._own()
-        m = _label(model)
+        m = f'model="{_label(model)}",variant="{_label(variant)}"'
         with self._lock:
-            self._counters["recsql_requests_total"][f'model="{m}",status="{status}"'] += 1
-            self._counters["recsql_rows_total"][f'model="{m}"'] += rows
-            self._counters["recsql_null_rows_total"][f'model="{m}"'] += null_rows
+            self._counters["recsql_requests_total"][f'{m},status="{status}"'] += 1
+            self._counters["recsql_rows_total"][m] += rows
+            self._counters["recsql_null_rows_total"][m] += null_rows
             if status >= 400:
-                self._counters["recsql_errors_total"][f'model="{m}",status="{status}"'] += 1
+                self._counters["recsql_errors_total"][f'{m},status="{status}"'] += 1
             hist = self._hist.setdefault(m, [0.0] * (len(BUCKETS) + 2))
             for i, bound in enumerate(BUCKETS):
                 if seconds <= bound:
@@ -122,12 +136,12 @@ class Metrics:
             if kind == "counter":
                 lines += [f"{name}{{{lab}}} {_num(v)}" for lab, v in sorted(counters[name].items())]
                 continue
-            for model, values in sorted(hist.items()):
+            for labels, values in sorted(hist.items()):
                 for bound, count in zip(BUCKETS, values, strict=False):
-                    lines.append(f'{name}_bucket{{model="{model}",le="{bound:g}"}} {_num(count)}')
-                lines.append(f'{name}_bucket{{model="{model}",le="+Inf"}} {_num(values[-1])}')
-                lines.append(f'{name}_sum{{model="{model}"}} {values[-2]:.6f}')
-                lines.append(f'{name}_count{{model="{model}"}} {_num(values[-1])}')
+                    lines.append(f'{name}_bucket{{{labels},le="{bound:g}"}} {_num(count)}')
+                lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {_num(values[-1])}')
+                lines.append(f"{name}_sum{{{labels}}} {values[-2]:.6f}")
+                lines.append(f"{name}_count{{{labels}}} {_num(values[-1])}")
         return "\n".join(lines) + "\n"
 
 

@@ -80,7 +80,20 @@ _HEADERS = [
         " (CSV records are product_a,product_b: their cosine)",
     },
     {"name": "X-Amzn-SageMaker-Target-Model", "in": "header", "schema": {"type": "string"}},
-    {"name": "X-Amzn-SageMaker-Inference-Id", "in": "header", "schema": {"type": "string"}},
+    {
+        "name": "X-Amzn-SageMaker-Target-Variant",
+        "in": "header",
+        "schema": {"type": "string"},
+        "description": "send the whole request to this variant (--variant/--shadow name, or"
+        " AllTraffic), whatever the weights; an unknown name is a 400 naming the variants",
+    },
+    {
+        "name": "X-Amzn-SageMaker-Inference-Id",
+        "in": "header",
+        "schema": {"type": "string"},
+        "description": "logged and captured; with several variants, a request without user"
+        " ids (history, similar_to, score=similar, events) goes to this id's variant",
+    },
 ]
 _INVOKE: dict[str, Any] = {
     "summary": "Score user-product pairs (or product-product similarity), or rank products for"
@@ -103,6 +116,12 @@ _INVOKE: dict[str, Any] = {
         "200": {
             "description": "one output per input record, in order; empty/null = no score",
             "headers": {
+                "X-Amzn-Invoked-Production-Variant": {
+                    "schema": {"type": "string"},
+                    "description": "the variant that answered (AllTraffic for a plain"
+                    " --model-dir); a batch split between variants by user: theirs, joined"
+                    " by commas. Errors carry it too once a variant was chosen",
+                },
                 "X-Recsql-Null-Rows": {"schema": {"type": "integer"}},
                 "X-Recsql-Malformed-Rows": {"schema": {"type": "integer"}},
                 "X-Recsql-Unknown-Rows": {"schema": {"type": "integer"}},

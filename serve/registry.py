@@ -32,7 +32,8 @@ from model.errors import (
     ModelNotFound,
     RecsqlError,
 )
-from serve.config import MB, ServeConfig
+from model.variants import DEFAULT_VARIANT
+from serve.config import MB, ServeConfig, VariantSpec
 from serve.models import ServableModel
 from serve.scripts import load_servable
 
@@ -136,15 +137,20 @@ class ModelRegistry:
         self.local: dict[str, tuple[str, ServableModel]] = {}
         self._load_lock = _ForkSafeLock()
         self._last_try = float("-inf")
+        self.variant_models: dict[str, ServableModel] = {}  # --variant/--shadow name -> model
+        self.variant_errors: dict[str, str] = {}
 
     # ------------------------------------------------------------ startup model
 
     def load_default(self) -> None:
-        """Load --model-dir; a failure is kept (and logged) so /ping can report it, and the
-        load is tried again (`_retry_default`) until it succeeds."""
+        """Load --model-dir (or the variants); a failure is kept (and logged) so /ping can
+        report it, and the load is tried again (`_retry_default`) until it succeeds."""
+        self._last_try = time.monotonic()
+        for spec in self._variant_specs():
+            if spec.name not in self.variant_models:
+                self._load_variant(spec)
         if self.config.model_dir is None:
             return
-        self._last_try = time.monotonic()
         try:
             self.default = load_servable(
                 self.config.model_dir, self.config.program, self.config.submit_dir
@@ -164,22 +170,61 @@ class ModelRegistry:
         else:
             self.default_error = None
 
+    def _variant_specs(self) -> tuple[VariantSpec, ...]:
+        shadow = (self.config.shadow,) if self.config.shadow else ()
+        return self.config.variants + shadow
+
+    def _load_variant(self, spec: VariantSpec) -> None:
+        try:
+            # each variant reads its own code/ folder, not SAGEMAKER_SUBMIT_DIRECTORY
+            self.variant_models[spec.name] = load_servable(spec.model_dir, self.config.program)
+        except Exception as exc:  # reported by /ping, like the startup model
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            error = f"variant {spec.name!r} from {spec.model_dir}: {reason}"
+            if error != self.variant_errors.get(spec.name):
+                log.error("model failed to load (retrying): %s", error, exc_info=True)
+            self.variant_errors[spec.name] = error
+        else:
+            self.variant_errors.pop(spec.name, None)
+            model = self.variant_models[spec.name]
+            log.info(
+                "variant %r (weight %g) loaded from %s: %s",
+                spec.name,
+                spec.weight,
+                spec.model_dir,
+                json.dumps(model.describe(), default=str),
+            )
+
     def _retry_default(self) -> None:
         """A server may start before its model is there (compose, restarts): while the
         startup model is missing, /ping and requests try loading it again, at most once
         every RETRY_SECONDS per worker; /ping says 503 with the reason until then."""
-        if self.default is not None or self.config.model_dir is None:
+        missing = len(self.variant_models) < len(self._variant_specs())
+        if not missing and (self.default is not None or self.config.model_dir is None):
             return
         if time.monotonic() - self._last_try >= RETRY_SECONDS:
             self.load_default()
+
+    def variant(self, name: str) -> ServableModel:
+        """The model of a production or shadow variant (503 while it cannot be loaded)."""
+        if not self.config.variants and name == DEFAULT_VARIANT:
+            return self.get(None)[1]
+        self._retry_default()
+        model = self.variant_models.get(name)
+        if model is None:
+            reason = self.variant_errors.get(name, f"variant {name!r} not loaded yet")
+            raise RecsqlError(f"model failed to load: {reason}", status=503)
+        return model
 
     def ready(self) -> tuple[bool, str]:
         self._retry_default()
         if self.default_error:
             return False, f"model failed to load: {self.default_error}"
+        if self.variant_errors:
+            return False, f"model failed to load: {next(iter(self.variant_errors.values()))}"
         if self.config.model_dir is not None and self.default is None:
             return False, "model not loaded yet"
-        if self.default is None and not self.config.multi_model:
+        if self.default is None and not self.config.multi_model and not self.config.variants:
             return False, "no model configured"
         return True, ""
 

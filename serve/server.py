@@ -39,7 +39,7 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from serve import logs
 from serve.app import create_app
-from serve.config import ServeConfig
+from serve.config import MB, ServeConfig
 from serve.handlers import DataPlane
 from serve.metrics import Metrics
 from serve.registry import ModelRegistry
@@ -230,16 +230,34 @@ _WORKER_CLASSES = {"gevent": f"{__name__}.DrainingGeventWorker"}
 
 
 def build_dataplane(config: ServeConfig) -> DataPlane:
-    """Registry (with the startup model loaded), metrics and dataplane for a config."""
+    """Registry (with the startup model(s) loaded), metrics, data capture and dataplane."""
     registry = ModelRegistry(config)
     registry.load_default()
     metrics_dir = Path(config.state_dir) / "metrics" if config.state_dir else None
     if metrics_dir is not None:
         metrics_dir.mkdir(parents=True, exist_ok=True)
-    return DataPlane(config, registry, Metrics(metrics_dir))
+    capture = None
+    if config.capture_dir is not None:
+        from serve.capture import Capture
+
+        capture = Capture(
+            config.capture_dir,
+            config.model_name,
+            config.capture_percent,
+            max_file_bytes=int(config.capture_max_file_mb * MB),
+            max_total_bytes=int(config.capture_max_mb * MB),
+        )
+    return DataPlane(config, registry, Metrics(metrics_dir), capture)
 
 
-def gunicorn_options(config: ServeConfig) -> dict[str, Any]:
+def _close_capture(dataplane: DataPlane) -> Any:
+    def worker_exit(server: Any, worker: Any) -> None:  # in the worker, as it exits
+        dataplane.capture.close()
+
+    return worker_exit
+
+
+def gunicorn_options(config: ServeConfig, dataplane: DataPlane | None = None) -> dict[str, Any]:
     options = {
         "bind": f"{config.host}:{config.port}",
         "workers": config.workers,
@@ -256,6 +274,8 @@ def gunicorn_options(config: ServeConfig) -> dict[str, Any]:
         "control_socket_disable": True,  # several servers per host (tests) must not clash
     }
     options["post_fork"] = _share_cores(config.workers)
+    if dataplane is not None and dataplane.capture is not None:
+        options["worker_exit"] = _close_capture(dataplane)  # flush what was captured
     if config.workers > 1 and config.worker_class == "gevent":
         shares = ConnectionShares(config.workers)
         options["pre_fork"] = _assign_slot(shares)
@@ -272,7 +292,8 @@ def run(config: ServeConfig) -> int:
         config = replace(config, state_dir=Path(tempfile.mkdtemp(prefix="recsql-serve-")))
     try:
         logs.configure(config.log_level, config.log_format)
-        app = create_app(build_dataplane(config))
+        dataplane = build_dataplane(config)
+        app = create_app(dataplane)
         # Everything loaded so far lives as long as the server: keep it out of the cyclic
         # collector's full passes in the workers (whose writes to it would also undo the
         # copy-on-write sharing of the fork). Hand it back at exit, so that the last
@@ -287,7 +308,7 @@ def run(config: ServeConfig) -> int:
             config.workers,
             config.worker_class,
         )
-        _Gunicorn(app, gunicorn_options(config)).run()
+        _Gunicorn(app, gunicorn_options(config, dataplane)).run()
     finally:
         if own_state:
             shutil.rmtree(config.state_dir, ignore_errors=True)

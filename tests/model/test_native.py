@@ -2,12 +2,14 @@
 
 The decoder must give, for every record it does not defer, exactly the row
 `Encoder.encode` gives for that record's fields; the Forest must give XGBoost's
-own predictions. Both are checked on values chosen to hit their edges.
+own predictions. Both are checked on values chosen to hit their edges; the
+variant routing fractions must be hashlib's MD5.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 
 import numpy as np
@@ -271,3 +273,12 @@ def test_a_missing_build_is_a_clear_load_error(monkeypatch):
     monkeypatch.setattr(native.importlib.machinery, "EXTENSION_SUFFIXES", [".absent.so"])
     with pytest.raises(ArtifactError, match=r"not built; reinstall recsql"):
         native.library.__wrapped__()  # the uncached loader
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=0, max_size=300))
+def test_variant_fractions_are_md5_of_the_decimal_id(ids: list[int]) -> None:
+    # the C kernel against hashlib: the routing rule model/variants.py documents
+    got = native.variant_fractions(np.array(ids, dtype=np.int64))
+    want = [int(hashlib.md5(str(u).encode()).hexdigest()[:13], 16) / 2**52 for u in ids]
+    assert got.tolist() == want

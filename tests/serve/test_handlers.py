@@ -75,8 +75,9 @@ def test_fallback_from_env(model_dir, recommender) -> None:
 def test_metrics_render_in_process(plane) -> None:
     plane.invoke(Invocation(b"1,2\n", "text/csv"))
     text = plane.metrics.render()
-    assert 'recsql_rows_total{model="model"}' in text
-    assert np.isfinite(float(text.split('recsql_rows_total{model="model"} ')[1].split()[0]))
+    series = 'recsql_rows_total{model="model",variant="AllTraffic"} '
+    assert series in text
+    assert np.isfinite(float(text.split(series)[1].split()[0]))
 
 
 def test_parse_attributes() -> None:

@@ -37,21 +37,20 @@ def test_metrics_add_up_across_workers(server) -> None:
     requests.post(server.url + "/invocations", "x", headers={"Content-Type": "text/plain"})
     time.sleep(1.5)  # each worker writes its figures once a second
     after = server.get("/metrics").text
-    labels = {"model": "model", "status": "200"}
+    plain = {"model": "model", "variant": "AllTraffic"}  # a plain --model-dir's one variant
+    labels = {**plain, "status": "200"}
     assert (
         metric(after, "recsql_requests_total", **labels)
         - metric(before, "recsql_requests_total", **labels)
         == 30
     )
-    rows = metric(after, "recsql_rows_total", model="model")
-    assert rows - metric(before, "recsql_rows_total", model="model") == 60
-    nulls = metric(after, "recsql_null_rows_total", model="model")
-    assert nulls - metric(before, "recsql_null_rows_total", model="model") == 30
-    assert metric(after, "recsql_errors_total", model="model", status="415") >= 1
-    count = metric(after, "recsql_request_duration_seconds_count", model="model")
-    assert count == metric(
-        after, "recsql_request_duration_seconds_bucket", model="model", le="+Inf"
-    )
+    rows = metric(after, "recsql_rows_total", **plain)
+    assert rows - metric(before, "recsql_rows_total", **plain) == 60
+    nulls = metric(after, "recsql_null_rows_total", **plain)
+    assert nulls - metric(before, "recsql_null_rows_total", **plain) == 30
+    assert metric(after, "recsql_errors_total", **plain, status="415") >= 1
+    count = metric(after, "recsql_request_duration_seconds_count", **plain)
+    assert count == metric(after, "recsql_request_duration_seconds_bucket", **plain, le="+Inf")
     assert "# TYPE recsql_request_duration_seconds histogram" in after
 
 
