@@ -21,7 +21,9 @@ COMMANDS = {
     ),
     "serve": "serve.cli",
     "deploy": "deploy.cli",
+    "ab-report": "abtest.cli",
     **dict.fromkeys(("load", "sql", "score", "demo"), "db.cli"),
+    "events": "db.cli",
 }
 
 

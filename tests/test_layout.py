@@ -25,6 +25,7 @@ ALLOWED = {
     "serve": {"model"},
     "db": {"model"},
     "deploy": {"model", "training", "serve", "db"},
+    "abtest": {"model", "training", "serve", "db"},
 }
 OURS = set(ALLOWED) | {"recsql_cli"}
 
