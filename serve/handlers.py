@@ -299,7 +299,7 @@ class DataPlane:
             index[~ok] = keyed()
         if not len(index) or (index == index[0]).all():  # one variant takes it all
             i = int(index[0]) if len(index) else keyed()
-            return self._whole(models[i], request, trace, specs[i].name, payload)
+            return self._whole(models[i], request, trace, specs[i].name, payload, options)
         chosen = np.unique(index).tolist()
         accept = codecs.negotiate(request.accept, request.content_type, self.config.default_accept)
         parts = []
@@ -323,8 +323,10 @@ class DataPlane:
         trace: _Trace,
         variant: str,
         payload: Payload | None = None,
+        options: Options | None = None,
     ) -> Reply:
-        """The whole request to one model: decode -> predict -> encode (or a user script)."""
+        """The whole request to one model: decode -> predict -> encode (or a user script);
+        `payload` and `options` when the caller has them already."""
         trace.parts[variant] = (0, 0)
         attributes = parse_attributes(request.custom_attributes)
         accept = self._accept(request, model)
@@ -345,7 +347,8 @@ class DataPlane:
                 trace.parts[variant] = (taken["taken"], 0)
                 trace.shadowed = False
                 return Reply(json.dumps(taken).encode(), codecs.JSON)
-            options = self.options(attributes, payload.params, _is_tabular(model))
+            if options is None:
+                options = self.options(attributes, payload.params, _is_tabular(model))
             prediction = model.predict(payload, options)
             trace.parts[variant] = (len(prediction), prediction.counts.get("null", 0))
             reply = Reply(codecs.encode(prediction, accept), accept, _count_headers(prediction))

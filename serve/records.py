@@ -127,10 +127,28 @@ class CsvTable(Table):
     def subset(self, rows: Sequence[int]) -> CsvTable:
         """The records at `rows`, in that order, as a table of their own."""
         lines = self.lines
-        return CsvTable(b"", [lines[i] for i in rows])
+        part = CsvTable(b"", [lines[i] for i in rows])
+        at = np.asarray(rows, np.int64)
+        for width, (columns, ok) in self.__dict__.get("_ints", {}).items():  # parsed already
+            sliced = [c[at] for c in columns], ok[at]
+            for array in (*sliced[0], sliced[1]):
+                array.flags.writeable = False
+            part.__dict__.setdefault("_ints", {})[width] = sliced
+        return part
 
     def ints(self, names: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Parsed once per width: a batch split between variants reads its users, then each
+        variant's model its pairs (read-only arrays: a caller must not write to them)."""
         width = len(names)
+        cache = self.__dict__.setdefault("_ints", {})
+        if width not in cache:
+            columns, ok = self._parse_ints(width)
+            for array in (*columns, ok):
+                array.flags.writeable = False
+            cache[width] = columns, ok
+        return cache[width]
+
+    def _parse_ints(self, width: int) -> tuple[list[np.ndarray], np.ndarray]:
         fast = self._ints_fast(width)
         if fast is not None:
             return fast
