@@ -27,6 +27,7 @@ TYPE_CODES = {name: code for code, name in enumerate(EVENT_TYPES)}
 # seconds before the user's latest event: same session (30 min), day, week, month, quarter, older
 GAP_EDGES = (1800, 86400, 7 * 86400, 30 * 86400, 90 * 86400)
 GAP_BUCKETS = len(GAP_EDGES) + 1
+SMALL_POOL = 2048  # events up to which HistoryTower.pooled gathers instead of a sparse product
 # events back from the user's latest: the latest, the one before, 2-4, 5-19, older
 POSITION_EDGES = (1, 2, 5, 20)
 POSITION_BUCKETS = len(POSITION_EDGES) + 1
@@ -128,6 +129,10 @@ class HistoryTower:
         weights = np.exp(self.position[k[use]] + self.event_type[events.types[use]])
         total = np.bincount(rows, weights, minlength=events.num_users)
         weights /= total[rows]
+        if len(rows) <= SMALL_POOL:  # a request's few users: scipy's set-up costs ~0.2 ms
+            out = np.zeros((events.num_users, item_embeddings.shape[1]), np.float32)
+            np.add.at(out, rows, item_embeddings[events.items[use]] * weights[:, None])
+            return out
         mix = csr_matrix(
             (weights.astype(np.float32), (rows, events.items[use])),
             shape=(events.num_users, len(item_embeddings)),

@@ -312,11 +312,14 @@ class Recommender:
         log_normalizer: float | None = None,
         bonus: tuple[np.ndarray, np.ndarray] | None = None,
         items: np.ndarray | None = None,
+        normalize: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """top_k for a user vector (a known user's row, or one read from a history), plus
         `bonus` (product rows, values) on those products' scores; vector None: by item
         popularity (the fallback ranking), scored as the fallback is. `items`: the table
-        the vector is scored against (default item_vectors)."""
+        the vector is scored against (default item_vectors). `normalize`: a softmax
+        model's read without its normaliser (`read_users(..., normalize=False)`): take it
+        from the catalogue's scores computed here, not in a second pass."""
         items = self.item_vectors if items is None else items
         if candidates is None and len(self.items) < len(self.item_vectors):
             candidates = self.items.sorted_ids  # rows no id names cannot be returned
@@ -334,6 +337,9 @@ class Recommender:
             scores = items @ vector if vector is not None else table.copy()
         if bonus is not None and vector is not None and len(bonus[0]):
             _add_bonus(scores, item_rows, *bonus)
+        if normalize and vector is not None and self.probabilities:
+            whole = item_rows is None and items is self.item_vectors  # scores is every logit
+            log_normalizer = self._log_normalizer(vector, bonus, scores if whole else None)
         if exclude is not None and len(exclude):
             ex = self.items.rows(exclude)
             ex = ex[ex >= 0]
@@ -394,10 +400,25 @@ class Recommender:
         exclude = product_ids if exclude is None else np.concatenate([exclude, product_ids])
         return self.rank_vector(query, k, candidates, exclude, items=self.unit_item_vectors)
 
-    def read_users(self, events: RecentEvents) -> list[FoldIn | None]:
+    def _log_normalizer(
+        self,
+        vector: np.ndarray,
+        bonus: tuple[np.ndarray, np.ndarray] | None,
+        logits: np.ndarray | None = None,
+    ) -> float:
+        """log sum_i exp(score_i) over the catalogue, bonus included; `logits`: those scores
+        already computed (with the bonus) by the caller."""
+        if logits is None:
+            logits = self.item_vectors @ vector
+            if bonus is not None and len(bonus[0]):
+                logits[bonus[0]] += bonus[1]
+        return _logsumexp(logits)
+
+    def read_users(self, events: RecentEvents, normalize: bool = True) -> list[FoldIn | None]:
         """Each user of `events` (product rows, -1 unknown) as the model reads them; None for
         a user with no product the model knows. History models: the tower, the repeat term
-        and the exact normaliser over the catalogue; others: `fold_in` of the products."""
+        and (`normalize`) the exact normaliser over the catalogue, which a top-K can take
+        from its own pass instead (rank_vector's `normalize`); others: `fold_in`."""
         if self.history is None:
             return [
                 self.fold_in(self.items.ids_by_row[items[items >= 0]])
@@ -414,14 +435,14 @@ class Recommender:
                 continue
             touched = bonus.row(row)
             normalizer = None
-            if self.probabilities:
-                logits = self.item_vectors @ vector
-                logits[touched[0]] += touched[1]
-                normalizer = _logsumexp(logits)
+            if self.probabilities and normalize:
+                normalizer = self._log_normalizer(vector, touched)
             out.append(FoldIn(vector, normalizer, known, touched))
         return out
 
-    def read_fresh(self, user_ids: np.ndarray, fresh: RecentEvents) -> dict[int, FoldIn]:
+    def read_fresh(
+        self, user_ids: np.ndarray, fresh: RecentEvents, normalize: bool = True
+    ) -> dict[int, FoldIn]:
         """The users of `fresh` (row r is user id user_ids[r]; product rows, -1 unknown, in
         time order) as the model reads them once those events are added, for the users whose
         reading changes. History models: a known user from their events as of training
@@ -436,7 +457,7 @@ class Recommender:
             unknown = np.flatnonzero(rows < 0)
             if not len(unknown):
                 return {}
-            reads = self.read_users(fresh.subset(unknown))
+            reads = self.read_users(fresh.subset(unknown), normalize)
             return {
                 int(user_ids[u]): read
                 for u, read in zip(unknown, reads, strict=True)
@@ -455,7 +476,7 @@ class Recommender:
             len(user_ids),
             self.recent_events,
         )
-        reads = self.read_users(merged)
+        reads = self.read_users(merged, normalize)
         return {int(user_ids[u]): read for u, read in enumerate(reads) if read is not None}
 
     def score_read(self, user: FoldIn, item_rows: np.ndarray) -> np.ndarray:

@@ -147,12 +147,18 @@ class RecommenderModel(ServableModel):
         exclude = _per_user(options.exclude, len(users), "exclude")
         ids, scores, user_ids = [], [], []
         empty = np.empty(0, np.int64), np.empty(0, np.float32)
-        reads = self.read_fresh(users[ok], options)
+        reads = self.read_fresh(users[ok], options, normalize=False)  # rank_vector's job
         for row, user in enumerate(users.tolist()):
             read = reads.get(user) if ok[row] else None
             if read is not None:
                 best = self.recommender.rank_vector(
-                    read.vector, k, candidates[row], exclude[row], read.log_normalizer, read.bonus
+                    read.vector,
+                    k,
+                    candidates[row],
+                    exclude[row],
+                    read.log_normalizer,
+                    read.bonus,
+                    normalize=read.log_normalizer is None,
                 )
             elif ok[row]:
                 best = self.recommender.top_k(user, k, candidates[row], exclude[row])
@@ -166,7 +172,9 @@ class RecommenderModel(ServableModel):
         counts["null"] = counts["malformed"] + unknown
         return Rankings(ids, scores, user_ids, counts)
 
-    def read_fresh(self, user_ids: np.ndarray, options: Options) -> dict[int, FoldIn]:
+    def read_fresh(
+        self, user_ids: np.ndarray, options: Options, normalize: bool = True
+    ) -> dict[int, FoldIn]:
         """The users among `user_ids` whose reading their fresh events change, read with
         them (Recommender.read_fresh); {} at once when the store holds none of them."""
         if options.fresh_events is None or not len(user_ids):
@@ -175,7 +183,7 @@ class RecommenderModel(ServableModel):
         if not fresh:
             return {}
         rec = self.recommender
-        return rec.read_fresh(*as_recent_events(fresh, rec.items.rows))
+        return rec.read_fresh(*as_recent_events(fresh, rec.items.rows), normalize)
 
     def rescore(
         self,
@@ -186,6 +194,12 @@ class RecommenderModel(ServableModel):
         scores: np.ndarray,
     ) -> None:
         """Pair scores of the rows whose user was read from fresh events, in place."""
+        if len(reads) <= 4:  # a request's one or few users: no sort, one pass per user
+            for user, read in reads.items():
+                rows = np.flatnonzero(ok & (users == user))
+                item_rows = self.recommender.items.rows(products[rows])
+                scores[rows] = self.recommender.score_read(read, item_rows)
+            return
         rows = np.flatnonzero(ok & np.isin(users, np.fromiter(reads, np.int64, len(reads))))
         order = rows[np.argsort(users[rows], kind="stable")]
         starts = np.flatnonzero(np.r_[True, users[order][1:] != users[order][:-1]])
@@ -206,12 +220,18 @@ class RecommenderModel(ServableModel):
         candidates = _per_user(options.candidates, n, "candidates")
         exclude = _per_user(options.exclude, n, "exclude")
         ids, scores, basis = [], [], []
-        for row, user in enumerate(rec.read_users(events)):
+        for row, user in enumerate(rec.read_users(events, normalize=False)):
             if user is None:
                 best = rec.rank_vector(None, k, candidates[row], exclude[row])
             else:
                 best = rec.rank_vector(
-                    user.vector, k, candidates[row], exclude[row], user.log_normalizer, user.bonus
+                    user.vector,
+                    k,
+                    candidates[row],
+                    exclude[row],
+                    user.log_normalizer,
+                    user.bonus,
+                    normalize=user.log_normalizer is None,
                 )
             ids.append(best[0])
             scores.append(best[1])

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from model import history
 from model.history import (
     GAP_BUCKETS,
     GAP_EDGES,
@@ -43,8 +44,10 @@ def test_build_keeps_each_users_last_events_oldest_first():
     assert picked.indptr.tolist() == [0, 2, 2, 4] and picked.items.tolist() == [3, 4, 1, 2]
 
 
+@pytest.mark.parametrize("small_pool", [0, 2048], ids=["sparse", "gathered"])
 @pytest.mark.parametrize("seed", range(3))
-def test_pooling_is_the_weighted_mean_of_the_last_events(seed):
+def test_pooling_is_the_weighted_mean_of_the_last_events(seed, small_pool, monkeypatch):
+    monkeypatch.setattr(history, "SMALL_POOL", small_pool)  # both ways of pooling
     events = random_events(seed)
     rng = np.random.default_rng(seed)
     tower = HistoryTower(rng.normal(size=5), rng.normal(size=4))
