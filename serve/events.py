@@ -33,9 +33,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from model.errors import BadRequest, RecsqlError
-from model.history import RecentEvents
+from model.history import TYPE_CODES, RecentEvents
 from serve.history import FIELDS as EVENT_FIELDS
-from serve.history import is_id, parse_event
+from serve.history import event_seconds, is_id, parse_event
 
 log = logging.getLogger("recsql.serve")
 
@@ -46,8 +46,10 @@ DEFAULT_TTL = 30 * 86400
 RECHECK_SECONDS = 0.5  # an empty or failed store is asked again after this long
 TIMEOUT_SECONDS = 0.1  # Redis connect and read timeouts: a dead Redis must not stall scoring
 MAX_LISTED = 10  # bad entries named in one 400
+PURGE_SECONDS = 60.0  # how often a process's SQLite appends also delete expired users
 _WHO = ("user_id", "session_id")
 _FIELDS = (*_WHO, *EVENT_FIELDS)
+_FIELD_SET = frozenset(_FIELDS)
 
 
 class EventStoreUnavailable(RecsqlError):
@@ -81,9 +83,8 @@ def parse_events(value: Any, now: int) -> EventBatch:
         raise BadRequest('"events" must be a non-empty list of event objects')
     users, products, times, types, errors = [], [], [], [], []
     for n, entry in enumerate(value):
-        where = f"entry {n + 1}"
         try:
-            user, (product, kind, when) = _who(entry, where), parse_event(_what(entry), where)
+            user, product, kind, when = _entry(entry, n)
         except BadRequest as exc:
             errors.append(str(exc))
             continue
@@ -101,6 +102,27 @@ def parse_events(value: Any, now: int) -> EventBatch:
     events = np.empty(len(users), EVENT)
     events["product_id"], events["event_time"], events["event_type"] = products, times, types
     return EventBatch(np.array(users, np.int64), events)
+
+
+def _entry(entry: Any, n: int) -> tuple[int, int, int, int | None]:
+    """(user, product, event type code, epoch seconds or None) of the n-th entry. The
+    common plain entry is read at once; anything else goes the long way, which says what
+    is wrong (a third of the cost of taking 10 events was these checks)."""
+    if type(entry) is dict and entry.keys() <= _FIELD_SET:
+        user, product = entry.get("user_id", entry.get("session_id")), entry.get("product_id")
+        kind = entry.get("event_type", "view")
+        one_who = ("user_id" in entry) != ("session_id" in entry)
+        if one_who and is_id(user) and is_id(product) and type(kind) is str and kind in TYPE_CODES:
+            when = entry.get("event_time")
+            where = f"entry {n + 1}"
+            return (
+                user,
+                product,
+                TYPE_CODES[kind],
+                None if when is None else event_seconds(when, where),
+            )
+    where = f"entry {n + 1}"
+    return _who(entry, where), *parse_event(_what(entry), where)
 
 
 def _who(entry: Any, where: str) -> int:
@@ -173,6 +195,7 @@ class SqliteStore(EventStore):
         self.path = urlsplit(url).path or ":memory:"
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        self._next_purge = 0.0
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # never share one across a fork
@@ -206,7 +229,9 @@ class SqliteStore(EventStore):
                     "INSERT OR REPLACE INTO events VALUES (?, ?, ?)",
                     [(u, (old.get(u, b"") + data)[-last:], expires) for u, data in new.items()],
                 )
-                conn.execute("DELETE FROM events WHERE expires <= ?", (now,))
+                if now >= self._next_purge:  # expired rows are never read: no hurry
+                    conn.execute("DELETE FROM events WHERE expires <= ?", (now,))
+                    self._next_purge = now + PURGE_SECONDS
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -79,14 +79,14 @@ def parse_event(entry: Any, where: str) -> tuple[int, int, int | None]:
     if not isinstance(kind, str) or kind not in TYPE_CODES:
         raise BadRequest(f"{where}: event_type {kind!r} unknown; use {', '.join(EVENT_TYPES)}")
     time = entry.get("event_time")
-    return product, TYPE_CODES[kind], None if time is None else _seconds(time, where)
+    return product, TYPE_CODES[kind], None if time is None else event_seconds(time, where)
 
 
 def is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
-def _seconds(value: Any, where: str) -> int:
+def event_seconds(value: Any, where: str) -> int:
     """Epoch seconds of an event_time: REES46's format, ISO 8601 (UTC if no zone), or a
     number of seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool):
