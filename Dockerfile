@@ -77,6 +77,7 @@ COPY training/ training/
 COPY serve/ serve/
 COPY db/ db/
 COPY deploy/ deploy/
+COPY abtest/ abtest/
 # model/_native.c (tabular CSV decoding, tree walking, score formatting) is compiled
 # here and the compiler leaves in the same layer. The sources go too, so that every
 # import, from any directory, is of the installed package with its built kernels.

@@ -131,6 +131,15 @@ def test_every_copy_source_exists() -> None:
                 assert (ROOT / source).exists(), f"stage {stage.name}: COPY {source} is missing"
 
 
+def test_the_app_copies_every_package_the_cli_imports() -> None:
+    # `recsql --help` imports every subcommand's package: one left out breaks it in the image
+    from recsql_cli import COMMANDS
+
+    copied = {c.value.split()[0].rstrip("/") for c in BY_NAME["app"].all("COPY")}
+    packages = {module.split(".")[0] for module in COMMANDS.values()}
+    assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
+
+
 def test_dockerignore_keeps_the_virtualenv_out() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
