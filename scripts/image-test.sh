@@ -470,6 +470,12 @@ compose_test() {
         -e "SELECT $pair, will_purchase(1, 1), recsql_last_error()" 2>&1 || true)
     check "compose: in the MariaDB container, $pair scores, an unknown pair is NULL ($out)" \
         grep -qE '^[0-9.eE+-]+[[:space:]]+NULL[[:space:]]+NULL$' <<<"$out"
+    # Fresh events from SQL: the function an AFTER INSERT trigger calls, through the
+    # allow-list name recsql.events, into the server's store (1: taken).
+    out=$(podman exec "$(service_container mariadb)" mariadb -urecsql -precsql recsql -N -B \
+        -e "SELECT record_session_event(8, 1, 'view', NULL), recsql_last_error()" 2>&1 || true)
+    check "compose: MariaDB's record_session_event reaches the server's store ($out)" \
+        grep -qE '^1[[:space:]]+NULL$' <<<"$out"
 
     compose down -v >/dev/null 2>&1
     check "compose: down -v leaves no container" \

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from db.functions import DEFAULT_FUNCTIONS  # noqa: E402
+from db.functions import DEFAULT_FUNCTIONS, EVENT_FUNCTIONS  # noqa: E402
 from db.mysql_udf import LOADABLE_FUNCTIONS, SONAME, function_ddl  # noqa: E402
 
 HEADER = """\
@@ -20,7 +20,9 @@ HEADER = """\
 -- Runs once, when the MariaDB container starts on an empty data volume, in the
 -- database named by MARIADB_DATABASE (docker-compose.yml: recsql).
 -- The loadable functions come from recsql_udf.so; the SQL functions call the
--- endpoint *name* 'recsql', which /etc/mysql/recsql-endpoints.conf maps to a URL.
+-- endpoint *name* 'recsql', which /etc/mysql/recsql-endpoints.conf maps to a URL;
+-- the events functions (for an AFTER INSERT trigger) call 'recsql.events', the same URL
+-- with short timeouts.
 """
 
 
@@ -32,6 +34,8 @@ def init_sql() -> str:
     for fn in DEFAULT_FUNCTIONS:
         for strict in (False, True):
             lines += [function_ddl(fn, strict=strict) + " //", ""]
+    for fn in EVENT_FUNCTIONS:  # no strict twin: a trigger that raised would undo the insert
+        lines += [function_ddl(fn) + " //", ""]
     lines.append("DELIMITER ;")
     return "\n".join(lines) + "\n"
 

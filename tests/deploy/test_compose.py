@@ -219,6 +219,8 @@ def test_init_sql_runs_in_the_mariadb_client() -> None:
         sql("", db, stdin=script)
         names = sql(f"SELECT name FROM mysql.proc WHERE db = '{db}' ORDER BY name").split()
         assert names == [
+            "record_event",
+            "record_session_event",
             "similar_score",
             "similar_score_strict",
             "will_purchase",
@@ -226,5 +228,6 @@ def test_init_sql_runs_in_the_mariadb_client() -> None:
         ]
         if "recsql_invoke" in registered:
             assert sql("SELECT will_purchase(NULL, NULL)", db).strip() == "NULL"
+            assert sql("SELECT record_event(NULL, 1, NULL, NULL)", db).strip() == "NULL"
     finally:
         sql(f"DROP DATABASE {db}")

@@ -2,7 +2,9 @@
 -- Runs once, when the MariaDB container starts on an empty data volume, in the
 -- database named by MARIADB_DATABASE (docker-compose.yml: recsql).
 -- The loadable functions come from recsql_udf.so; the SQL functions call the
--- endpoint *name* 'recsql', which /etc/mysql/recsql-endpoints.conf maps to a URL.
+-- endpoint *name* 'recsql', which /etc/mysql/recsql-endpoints.conf maps to a URL;
+-- the events functions (for an AFTER INSERT trigger) call 'recsql.events', the same URL
+-- with short timeouts.
 
 CREATE FUNCTION IF NOT EXISTS recsql_invoke RETURNS REAL SONAME 'recsql_udf.so';
 CREATE FUNCTION IF NOT EXISTS recsql_invoke_str RETURNS STRING SONAME 'recsql_udf.so';
@@ -46,5 +48,15 @@ BEGIN
   END IF;
   RETURN recsql_result;
 END //
+
+CREATE FUNCTION `record_event`(`user_id` BIGINT, `product_id` BIGINT, `event_type` VARCHAR(32) CHARSET utf8mb4, `event_time` VARCHAR(64) CHARSET utf8mb4) RETURNS INT
+  NOT DETERMINISTIC NO SQL
+  COMMENT 'Send a user''s event to the endpoint''s fresh-event store: 1 taken, 0 rejected, NULL not sent. [recsql; never raises: 1 taken, 0 rejected, NULL not sent]'
+  RETURN recsql_event('recsql.events', `user_id`, `product_id`, `event_type`, `event_time`) //
+
+CREATE FUNCTION `record_session_event`(`session_id` BIGINT, `product_id` BIGINT, `event_type` VARCHAR(32) CHARSET utf8mb4, `event_time` VARCHAR(64) CHARSET utf8mb4) RETURNS INT
+  NOT DETERMINISTIC NO SQL
+  COMMENT 'Send a visitor''s (session id) event to the fresh-event store: 1 taken, 0 rejected, NULL not sent. [recsql; never raises: 1 taken, 0 rejected, NULL not sent]'
+  RETURN recsql_session_event('recsql.events', `session_id`, `product_id`, `event_type`, `event_time`) //
 
 DELIMITER ;
