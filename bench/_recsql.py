@@ -108,16 +108,24 @@ def random_history_model(
 
 @contextlib.contextmanager
 def serving(
-    model_dir: Path, workers: int, log: Path, log_level: str = "WARNING", cpus: str = ""
+    model_dir: Path | None,
+    workers: int,
+    log: Path,
+    log_level: str = "WARNING",
+    cpus: str = "",
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """`recsql serve` on a free loopback port; yields its URL once every worker is up.
     `log_level` WARNING (the default here) drops the one INFO line per request; `cpus`
-    (e.g. "0") runs the server on those cores only (taskset)."""
+    (e.g. "0") runs the server on those cores only (taskset); `env` adds settings
+    (e.g. RECSQL_EVENTS_URL)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "serve", "--model-dir", str(model_dir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "serve", "--port", str(port)]
+    if model_dir is not None:  # None: the models come from `env` (RECSQL_VARIANTS)
+        cmd += ["--model-dir", str(model_dir)]
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
     with open(log, "wb") as out:
@@ -126,7 +134,12 @@ def serving(
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "RECSQL_LOG_LEVEL": log_level},
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "RECSQL_LOG_LEVEL": log_level,
+                **(env or {}),
+            },
         )
     try:
         deadline = time.monotonic() + 120

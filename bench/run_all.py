@@ -28,6 +28,7 @@ ORDER = [
     "history",
     "similar",
     "events",
+    "ab",
     "udf",
     "db",
     "tabular",
