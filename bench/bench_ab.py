@@ -68,7 +68,8 @@ def in_process(setups: dict[str, dict], users: np.ndarray, items: np.ndarray, n:
 
 def over_http(model: Path, variants: dict, tmp: Path, users, items, seconds: float) -> None:
     one = ("POST", "/invocations", f"{users[0]},{items[0]}\n".encode(), "text/csv")
-    print(f"\n{'HTTP, 2 workers, 1 pair, 8 connections':40} {'req/s':>6} {'p50 ms':>8} {'p99 ms':>8}")
+    title = "HTTP, 2 workers, 1 pair, 8 connections"
+    print(f"\n{title:40} {'req/s':>6} {'p50 ms':>8} {'p99 ms':>8}")
     env_ab = {
         "RECSQL_VARIANTS": ",".join(f"{k}={v}:1" for k, v in variants.items()),
         "RECSQL_SHADOW": f"s={model}",

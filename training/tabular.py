@@ -33,6 +33,7 @@ import numpy as np
 
 from model.artifact import load_model
 from model.errors import DataError
+from model.progress import progress_bar
 from model.tabular import (
     Encoder,
     LightGBMPredictor,
@@ -42,7 +43,6 @@ from model.tabular import (
     XGBoostPredictor,
 )
 from training import reports
-from model.progress import progress_bar
 
 if TYPE_CHECKING:
     from tqdm import tqdm
