@@ -146,36 +146,30 @@ WILL_SUBSCRIBE = SqlFunction(
 
 DEFAULT_FUNCTIONS: tuple[SqlFunction, ...] = (WILL_PURCHASE, SIMILAR_SCORE)
 
+
 # Fresh events from SQL (db/events.py): `INSERT ... SELECT ..., record_event(...)` in DuckDB,
 # an AFTER INSERT trigger on MariaDB/MySQL. event_time: a timestamp (UTC) or NULL (now);
 # event_type: view, cart, purchase, remove_from_cart or NULL (view).
-RECORD_EVENT = SqlFunction(
-    "record_event",
-    (
-        Argument("user_id", "BIGINT"),
-        Argument("product_id", "BIGINT"),
-        Argument("event_type", "VARCHAR(32)"),
-        Argument("event_time", "VARCHAR(64)"),
-    ),
-    "INT",
-    max_batch_size=2048,
-    description="Send a user's event to the endpoint's fresh-event store: 1 taken, 0 rejected,"
-    " NULL not sent.",
-    score="events",
-)
-RECORD_SESSION_EVENT = SqlFunction(
-    "record_session_event",
-    (
-        Argument("session_id", "BIGINT"),
-        Argument("product_id", "BIGINT"),
-        Argument("event_type", "VARCHAR(32)"),
-        Argument("event_time", "VARCHAR(64)"),
-    ),
-    "INT",
-    max_batch_size=2048,
-    description="Send a visitor's (session id) event to the fresh-event store: 1 taken,"
-    " 0 rejected, NULL not sent.",
-    score="events",
+def _events_function(name: str, key: str, whose: str) -> SqlFunction:
+    return SqlFunction(
+        name,
+        (
+            Argument(key, "BIGINT"),
+            Argument("product_id", "BIGINT"),
+            Argument("event_type", "VARCHAR(32)"),
+            Argument("event_time", "VARCHAR(64)"),
+        ),
+        "INT",
+        max_batch_size=2048,
+        description=f"Send {whose} event to the endpoint's fresh-event store: 1 taken,"
+        " 0 rejected, NULL not sent.",
+        score="events",
+    )
+
+
+RECORD_EVENT = _events_function("record_event", "user_id", "a user's")
+RECORD_SESSION_EVENT = _events_function(
+    "record_session_event", "session_id", "a visitor's (session id)"
 )
 EVENT_FUNCTIONS: tuple[SqlFunction, ...] = (RECORD_EVENT, RECORD_SESSION_EVENT)
 

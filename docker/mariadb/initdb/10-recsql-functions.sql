@@ -56,7 +56,7 @@ CREATE FUNCTION `record_event`(`user_id` BIGINT, `product_id` BIGINT, `event_typ
 
 CREATE FUNCTION `record_session_event`(`session_id` BIGINT, `product_id` BIGINT, `event_type` VARCHAR(32) CHARSET utf8mb4, `event_time` VARCHAR(64) CHARSET utf8mb4) RETURNS INT
   NOT DETERMINISTIC NO SQL
-  COMMENT 'Send a visitor''s (session id) event to the fresh-event store: 1 taken, 0 rejected, NULL not sent. [recsql; never raises: 1 taken, 0 rejected, NULL not sent]'
+  COMMENT 'Send a visitor''s (session id) event to the endpoint''s fresh-event store: 1 taken, 0 rejected, NULL not sent. [recsql; never raises: 1 taken, 0 rejected, NULL not sent]'
   RETURN recsql_session_event('recsql.events', `session_id`, `product_id`, `event_type`, `event_time`) //
 
 DELIMITER ;
