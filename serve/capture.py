@@ -236,20 +236,20 @@ class Capture:
     def _run(self) -> None:
         try:
             while True:
-                with self._state_lock:
-                    batch = list(self._queue)
-                    self._queue.clear()
-                    self._queued_bytes = 0
-                    closing = self._closing
-                if batch:
+                with self._write_lock:  # a batch leaves the queue only to be written
+                    with self._state_lock:
+                        batch = list(self._queue)
+                        self._queue.clear()
+                        self._queued_bytes = 0
+                        closing = self._closing
                     self._batch += 1  # each open file is checked once a batch (_file_for)
                     for pending in batch:
-                        with self._write_lock:
-                            self._write(pending)
-                elif closing:
+                        self._write(pending)
+                if batch:
+                    continue
+                if closing:
                     break
-                else:
-                    self._wake.acquire(True, FLUSH_SECONDS)
+                self._wake.acquire(True, FLUSH_SECONDS)
         finally:
             for open_file in self._files.values():
                 _close_fd(open_file.fd)
