@@ -53,7 +53,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from gevent.monkey import get_original
@@ -87,7 +87,6 @@ class _Pending:
     output_data: bytes
     output_type: str | None
     when: float
-    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
 @dataclass
@@ -286,7 +285,7 @@ class Capture:
     def _encode(self, pending: _Pending) -> bytes:
         """The record's line, written out by hand: json.dumps of the same dict costs twice
         as much, and the writer shares the worker's GIL with its requests."""
-        metadata = f'"eventId":"{pending.event_id}"'
+        metadata = f'"eventId":"{uuid.uuid4()}"'  # made here, off the request's path
         if pending.inference_id is not None:
             metadata += f',"inferenceId":{_json_string(pending.inference_id)}'
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(pending.when))
