@@ -300,6 +300,24 @@ static int is_current_model(const call_state *st, const UDF_ARGS *args)
            memcmp(args->args[0], st->model_name, st->model_name_len) == 0;
 }
 
+/* Every call's start: clear the last error and copy the endpoint name (argument 0) into
+ * st->name; 0, with the failure recorded, when it is NULL, empty or too long. */
+static int begin_call(call_state *st, UDF_ARGS *args)
+{
+    has_error = 0;
+    last_error[0] = '\0';
+    pthread_once(&c_locale_once, make_c_locale);
+    st->name[0] = '\0';
+    if (!args->args[0] || args->lengths[0] == 0 || args->lengths[0] > RECSQL_NAME_MAX ||
+        memchr(args->args[0], '\0', args->lengths[0])) {
+        fail(st, "", "endpoint name is NULL, empty or too long");
+        return 0;
+    }
+    memcpy(st->name, args->args[0], args->lengths[0]);
+    st->name[args->lengths[0]] = '\0';
+    return 1;
+}
+
 /*
  * 1: the call succeeded; *field is the first reply field or NULL for SQL NULL.
  * 2: the name is an in-server model, now held in st->model: score with score_local.
@@ -310,18 +328,9 @@ static int invoke(call_state *st, UDF_ARGS *args, char **field, size_t *flen)
     char *name = st->name, err[RECSQL_ERR_MAX];
     recsql_endpoint ep;
     int transport;
-    has_error = 0;
-    last_error[0] = '\0';
     *field = NULL;
-    pthread_once(&c_locale_once, make_c_locale);
-    name[0] = '\0';
-    if (!args->args[0] || args->lengths[0] == 0 || args->lengths[0] > RECSQL_NAME_MAX ||
-        memchr(args->args[0], '\0', args->lengths[0])) {
-        fail(st, "", "endpoint name is NULL, empty or too long");
+    if (!begin_call(st, args))
         return 0;
-    }
-    memcpy(name, args->args[0], args->lengths[0]);
-    name[args->lengths[0]] = '\0';
     for (unsigned i = 1; i < args->arg_count; i++)
         if (!args->args[i])
             return 1; /* NULL in, NULL out, no request */
@@ -647,16 +656,8 @@ static long long send_event(UDF_INIT *initid, UDF_ARGS *args, char *is_null)
     int transport;
     long status;
     *is_null = 1;
-    has_error = 0;
-    last_error[0] = '\0';
-    pthread_once(&c_locale_once, make_c_locale);
-    if (!args->args[0] || args->lengths[0] == 0 || args->lengths[0] > RECSQL_NAME_MAX ||
-        memchr(args->args[0], '\0', args->lengths[0])) {
-        fail(st, "", "endpoint name is NULL, empty or too long");
+    if (!begin_call(st, args))
         return 0;
-    }
-    memcpy(name, args->args[0], args->lengths[0]);
-    name[args->lengths[0]] = '\0';
     if (!args->args[1] || !args->args[2])
         return 0; /* NULL id or product: not sent */
     for (unsigned k = 0; k < 2; k++)
