@@ -26,7 +26,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from model.errors import DataError
+from model.errors import DataError, first_line
+from serve.events import redact
 from training.events import REQUIRED_COLUMNS, TIME_FORMAT, expand_inputs, read_header
 
 EVENT_TYPES = ("view", "cart", "purchase")
@@ -77,7 +78,7 @@ def _from_files(con: duckdb.DuckDBPyConnection, paths: list[Path], window: dict)
         try:
             _run_insert(con, relation, "TIMESTAMP", price, window, path=str(path), columns=columns)
         except duckdb.Error as exc:
-            raise DataError(f"{path}: cannot read the events ({_first_line(exc)})") from exc
+            raise DataError(f"{path}: cannot read the events ({first_line(exc)[:300]})") from exc
     return found_price
 
 
@@ -123,7 +124,8 @@ def _from_duckdb(con: duckdb.DuckDBPyConnection, path: Path, table: str, window:
     try:
         src = duckdb.connect(str(path), read_only=True)
     except duckdb.Error as exc:
-        raise DataError(f"{path}: cannot open as a DuckDB database ({_first_line(exc)})") from exc
+        reason = first_line(exc)[:300]
+        raise DataError(f"{path}: cannot open as a DuckDB database ({reason})") from exc
     try:
         rows = src.execute(
             "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?",
@@ -160,8 +162,8 @@ def _from_mysql(con: duckdb.DuckDBPyConnection, url: str, table: str, window: di
             )
             columns = {name: "" for (name,) in cur.fetchall()}
         if not columns:
-            raise DataError(f"{_safe(url)}: no table {table!r} in the URL's database")
-        _check_columns(columns, f"{_safe(url)}: table {table}")
+            raise DataError(f"{redact(url)}: no table {table!r} in the URL's database")
+        _check_columns(columns, f"{redact(url)}: table {table}")
         price = "price" in columns
         names = [*REQUIRED_COLUMNS, *(["price"] if price else [])]
         types = [pa.timestamp("us"), pa.string(), pa.int64(), pa.int64(), pa.float64()]
@@ -186,7 +188,7 @@ def _from_mysql(con: duckdb.DuckDBPyConnection, url: str, table: str, window: di
                 finally:
                     con.unregister("ev_source")
     except pymysql.MySQLError as exc:
-        raise DataError(f"{_safe(url)}: cannot read table {table} ({exc})") from exc
+        raise DataError(f"{redact(url)}: cannot read table {table} ({exc})") from exc
     finally:
         conn.close()
     return price
@@ -198,13 +200,3 @@ _CHUNK_ROWS = 100_000
 def _plain(value: Any) -> Any:
     """DECIMAL prices arrive as decimal.Decimal: a float is all a revenue sum needs."""
     return float(value) if type(value).__name__ == "Decimal" else value
-
-
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [s for s in str(exc).splitlines() if s.strip()]
-    return lines[0][:300] if lines else type(exc).__name__

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model.errors import BadRequest
+from model.errors import BadRequest, first_line
 
 DEFAULT_ENDPOINTS = "recsql=http://127.0.0.1:8080"
 _ENGINE_HELP = "duckdb: --db is a .duckdb file; mysql: --db is mysql://user[:pw]@host[:port]/db"
@@ -319,7 +319,7 @@ def _execute(engine: str, con: Any, sql: str) -> tuple[list[str], list[tuple]]:
             cur = con.execute(sql)
             rows = cur.fetchall()
         except duckdb.Error as exc:
-            raise BadRequest(str(exc).strip().splitlines()[0]) from exc
+            raise BadRequest(first_line(exc)) from exc
         return [d[0] for d in cur.description or []], rows
     import pymysql
 

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from db.functions import EVENT_KEYS
 from db.http import EndpointError, EndpointPool
 from db.load import FILE_COLUMNS
-from model.errors import BadRequest, RecsqlError
+from model.errors import BadRequest, RecsqlError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def duckdb_batches(con: Any, query: str, batch: int) -> Iterator[EventColumns]:
         reader = con.sql(query).to_arrow_reader(batch)
         yield from arrow_batches(reader)
     except (duckdb.Error, pa.ArrowException) as exc:
-        raise BadRequest(f"query failed: {str(exc).strip().splitlines()[0]}") from exc
+        raise BadRequest(f"query failed: {first_line(exc)}") from exc
 
 
 def file_batches(paths: Sequence[Path], batch: int) -> Iterator[EventColumns]:
@@ -277,7 +277,7 @@ def file_batches(paths: Sequence[Path], batch: int) -> Iterator[EventColumns]:
                 relation = con.sql(query, params={"path": str(path), "columns": FILE_COLUMNS})
                 yield from arrow_batches(relation.to_arrow_reader(batch))
             except duckdb.Error as exc:
-                raise BadRequest(f"{path}: {str(exc).strip().splitlines()[0]}") from exc
+                raise BadRequest(f"{path}: {first_line(exc)}") from exc
     finally:
         con.close()
 

@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 import duckdb
 
-from model.errors import BadRequest, DataError
+from model.errors import BadRequest, DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +153,8 @@ def _stage(con: duckdb.DuckDBPyConnection, files: list[Path], temp: bool = True)
             {"paths": [str(p) for p in files]},
         )
     except duckdb.Error as exc:
-        raise DataError(f"cannot read the event files: {_first_line(exc)}") from exc
+        raise DataError(f"cannot read the event files: {first_line(exc)}") from exc
     return con.execute("SELECT count(*) FROM _recsql_staged").fetchall()[0][0]
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 # ------------------------------------------------------------------------ DuckDB

@@ -33,7 +33,7 @@ from db.duckdb_udf import ON_ERROR, duckdb_type, make_udf
 from db.functions import WILL_PURCHASE, SqlFunction
 from db.http import Endpoints
 from db.load import mysql_connect
-from model.errors import BadRequest
+from model.errors import BadRequest, first_line
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def score_duckdb(
         try:
             reader = reader_con.sql(query).to_arrow_reader(opts.batch)
         except duckdb.Error as exc:
-            raise BadRequest(f"query failed: {str(exc).splitlines()[0]}") from exc
+            raise BadRequest(f"query failed: {first_line(exc)}") from exc
         batches = _duckdb_batches(reader, fn)
         rows, nulls, requests = _score_stream(batches, write, endpoints, opts)
     except BaseException:
@@ -183,7 +183,7 @@ def _duckdb_batches(reader: Any, fn: SqlFunction) -> Iterator[list[pa.Array]]:
             if batch.num_rows:
                 yield _columns(fn, batch)
     except (duckdb.Error, pa.ArrowException) as exc:  # errors can surface mid-stream
-        raise BadRequest(f"query failed: {str(exc).strip().splitlines()[0]}") from exc
+        raise BadRequest(f"query failed: {first_line(exc)}") from exc
 
 
 # -------------------------------------------------------------------------- MySQL

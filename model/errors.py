@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message, else its type's name: what a
+    one-line error or a log line quotes of it."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
 class RecsqlError(Exception):
     """A failure with a one-line message meant for the user, and an HTTP status."""
 

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from model.errors import ArtifactError, BadRequest
+from model.errors import ArtifactError, BadRequest, first_line
 from model.format import write_manifest
 from model.native import CsvEncoder, Forest
 
@@ -512,7 +512,7 @@ def load_tabular(model_dir: Path, manifest: dict[str, Any]) -> TabularModel:
     except ArtifactError:
         raise
     except Exception as exc:  # xgboost/lightgbm raise their own error types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ArtifactError(f"{path}: cannot load the {family} model ({first[:200]})") from exc
     return TabularModel(
         encoder,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from model.errors import BadRequest, NotAcceptable, UnsupportedContentType
+from model.errors import BadRequest, NotAcceptable, UnsupportedContentType, first_line
 from model.native import format_scores
 from serve.records import (
     BAD,
@@ -68,7 +68,7 @@ def _load_json(body: bytes, what: str) -> Any:
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:
-        raise BadRequest(f"{what} is not valid JSON ({_first_line(exc)})") from None
+        raise BadRequest(f"{what} is not valid JSON ({first_line(exc)[:200]})") from None
 
 
 def decode_json(body: bytes) -> Payload:
@@ -105,7 +105,7 @@ def decode_npy(body: bytes) -> Payload:
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise BadRequest(f"body is not a readable .npy array ({_first_line(exc)})") from None
+        raise BadRequest(f"body is not a readable .npy array ({first_line(exc)[:200]})") from None
     if (
         not isinstance(array, np.ndarray)
         or array.dtype.kind not in "iuf"
@@ -270,7 +270,3 @@ def negotiate(
 
 def encode(prediction: Prediction, accept: str) -> bytes:
     return ENCODERS[accept](prediction)
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

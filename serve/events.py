@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from model.errors import BadRequest, RecsqlError
+from model.errors import BadRequest, RecsqlError, first_line
 from model.history import TYPE_CODES, RecentEvents
 from serve.history import FIELDS as EVENT_FIELDS
 from serve.history import event_seconds, is_id, parse_event
@@ -354,7 +354,7 @@ def _locked(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> s
 
 
 def _unavailable(url: str, exc: Exception) -> EventStoreUnavailable:
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    reason = first_line(exc)
     return EventStoreUnavailable(
         f"event store {redact(url)} unavailable ({reason}): no events taken; scores come from"
         " the model alone until it is back"
@@ -430,7 +430,7 @@ class FreshEvents:
                 log.warning(
                     "event store %s unreadable, scoring without it: %s",
                     redact(self.url),
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    first_line(exc),
                 )
             return {}
         out = {}

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from model.errors import BadRequest, PayloadTooLarge, RecsqlError
+from model.errors import BadRequest, PayloadTooLarge, RecsqlError, first_line
 from model.variants import DEFAULT_VARIANT, Router
 from serve import codecs
 from serve.config import MB, TABULAR_OUTPUTS, ServeConfig
@@ -396,7 +396,7 @@ class DataPlane:
             status = 200
         except RecsqlError as exc:
             status = exc.status
-            log.warning("shadow variant %r: %s", spec.name, str(exc).splitlines()[0])
+            log.warning("shadow variant %r: %s", spec.name, first_line(exc))
         except Exception:
             log.exception("shadow variant %r failed", spec.name)
         finally:

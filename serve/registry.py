@@ -31,6 +31,7 @@ from model.errors import (
     InsufficientStorage,
     ModelNotFound,
     RecsqlError,
+    first_line,
 )
 from model.variants import DEFAULT_VARIANT
 from serve.config import MB, ServeConfig, VariantSpec
@@ -162,7 +163,7 @@ class ModelRegistry:
                 json.dumps(self.default.describe(), default=str),
             )
         except Exception as exc:  # any failure must surface through /ping, not kill the server
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             error = f"{self.config.model_dir}: {reason}"
             if error != self.default_error:  # once per distinct reason, not every retry
                 log.error("model failed to load (retrying): %s", error, exc_info=True)
@@ -179,7 +180,7 @@ class ModelRegistry:
             # each variant reads its own code/ folder, not SAGEMAKER_SUBMIT_DIRECTORY
             self.variant_models[spec.name] = load_servable(spec.model_dir, self.config.program)
         except Exception as exc:  # reported by /ping, like the startup model
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             error = f"variant {spec.name!r} from {spec.model_dir}: {reason}"
             if error != self.variant_errors.get(spec.name):
                 log.error("model failed to load (retrying): %s", error, exc_info=True)

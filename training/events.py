@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import duckdb
 import numpy as np
 
-from model.errors import DataError
+from model.errors import DataError, first_line
 from model.format import write_index
 from model.progress import progress_bar
 
@@ -356,7 +356,7 @@ def _connect(
         # can drop its pages from memory without writing them out again.
         return duckdb.connect(str(spill / "prepare.duckdb"), config=config)
     except duckdb.Error as exc:
-        raise DataError(f"cannot start DuckDB with {config} ({_first_line(exc)})") from exc
+        raise DataError(f"cannot start DuckDB with {config} ({first_line(exc)})") from exc
 
 
 def _load_files(
@@ -435,12 +435,7 @@ def _csv_error(path: Path, exc: duckdb.Error) -> str:
         return f'{where}, column {column}: "{value}" is not {_EXPECTED.get(column, column)}'
     if m := _WIDTH.search(text):
         return f"{where}: expected {m.group(1)} fields as in the header, found {m.group(2)}"
-    return f"{where}: cannot read the events ({_first_line(exc)})"
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [s for s in str(exc).splitlines() if s.strip()]
-    return lines[0] if lines else type(exc).__name__
+    return f"{where}: cannot read the events ({first_line(exc)})"
 
 
 def _sql(
