@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.errors import DataError
+from model.variants import SAGEMAKER_NAME
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_ENDPOINT = re.compile(r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,62}$")  # SageMaker endpoint name rules
 SCORES = ("pair", "similar", "events")
 EVENT_KEYS = ("user_id", "session_id")  # an events function's first argument
 SQL_TYPES = ("BIGINT", "INT", "INTEGER", "DOUBLE", "FLOAT", "DECIMAL", "VARCHAR", "TEXT")
@@ -64,7 +64,7 @@ class SqlFunction:
     def __post_init__(self) -> None:
         if not _IDENT.match(self.name):
             raise DataError(f"bad function name {self.name!r}")
-        if not _ENDPOINT.match(self.endpoint):
+        if not SAGEMAKER_NAME.match(self.endpoint):
             raise DataError(f"function {self.name}: bad endpoint name {self.endpoint!r}")
         if not 1 <= self.max_batch_size <= 10000:
             raise DataError(f"function {self.name}: max_batch_size must be 1..10000")

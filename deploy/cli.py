@@ -12,6 +12,7 @@ from typing import Any
 
 from deploy import sagemaker as d
 from model.errors import BadRequest
+from model.variants import split_spec
 
 _EPILOG = """\
 settings (flags win over environment variables):
@@ -247,20 +248,18 @@ def _upload_model_dirs(session: Any, args: argparse.Namespace, prefix: str) -> s
 
 
 def _parse_variant(text: str, flag: str) -> d.Variant:
-    """`NAME=SOURCE[:WEIGHT]` -> a Variant whose model_data is still the SOURCE. A last
-    `:part` without a slash is the weight, so `s3://bucket/key` needs none."""
-    name, sep, rest = text.partition("=")
-    if not sep or not name or not rest:
-        raise BadRequest(f"{flag} {text!r}: expected NAME=MODEL_DIR_OR_S3_URI[:WEIGHT]")
-    source, colon, tail = rest.rpartition(":")
+    """`NAME=SOURCE[:WEIGHT]` (read as model/variants.split_spec reads it) -> a Variant
+    whose model_data is still the SOURCE."""
+    try:
+        name, source, tail = split_spec(text)
+    except ValueError:
+        raise BadRequest(f"{flag} {text!r}: expected NAME=MODEL_DIR_OR_S3_URI[:WEIGHT]") from None
     weight = 1.0
-    if colon and "/" not in tail:
+    if tail is not None:
         try:
             weight = float(tail)
         except ValueError:
             raise BadRequest(f"{flag} {text!r}: weight {tail!r} is not a number") from None
-    else:
-        source = rest
     if not source:
         raise BadRequest(f"{flag} {text!r}: no model directory or s3:// URI")
     d.check_name(name, "variant")

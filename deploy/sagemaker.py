@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import BadRequest, RecsqlError
+from model.variants import SAGEMAKER_NAME
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,62}$")  # SageMaker resource names
 _S3_URI = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/?(.*)$")
 _STAMP_LEN = 16  # "-20250101-120000"
 VARIANT = "AllTraffic"
@@ -91,7 +91,7 @@ def aws_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -
 
 
 def check_name(name: str, what: str = "endpoint") -> str:
-    if not _NAME.match(name or ""):
+    if not SAGEMAKER_NAME.match(name or ""):
         raise BadRequest(f"bad {what} name {name!r}: 1-63 letters, digits and hyphens")
     return name
 

@@ -27,8 +27,9 @@ import numpy as np
 from model import native
 from model.errors import ArtifactError, RecsqlError
 
-# SageMaker's VariantName rule (CreateEndpointConfig ProductionVariants[].VariantName)
-VARIANT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+# SageMaker's rule for endpoint, variant and model names (db/ and deploy/ check it too;
+# the Lambda handlers, zipped alone, keep a copy)
+SAGEMAKER_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 DEFAULT_VARIANT = "AllTraffic"  # SageMaker's name for an endpoint's one variant
 HASH_BITS = 52  # 13 hex digits: exact in a float64, and what SQL's CONV reads
 _FEW = 64
@@ -37,7 +38,7 @@ _ONE_BY_ONE = 4  # up to this many ids, hashlib costs less than the call into C
 
 def check_name(name: str) -> str:
     """`name` if it is a valid SageMaker variant name, else a one-line RecsqlError."""
-    if not VARIANT_NAME.match(name):
+    if not SAGEMAKER_NAME.match(name):
         raise RecsqlError(
             f"variant name {name!r} is not valid: 1-63 letters, digits and hyphens,"
             " starting and ending with a letter or digit"
@@ -106,6 +107,18 @@ def route_users(user_ids: np.ndarray, weights: Sequence[float]) -> np.ndarray:
 def route_key(text: bytes, weights: Sequence[float]) -> int:
     """The variant index of a request without users, keyed by `text`."""
     return Router(weights).key(text)
+
+
+def split_spec(text: str) -> tuple[str, str, str | None]:
+    """`NAME=SOURCE[:WEIGHT]` (`recsql serve --variant`, `recsql deploy --variant`) ->
+    (name, source, weight text or None). A last `:part` without a slash is the weight, so
+    `s3://bucket/key` needs none. ValueError when the `=`, the name or what follows is
+    missing; the callers say so in their own words."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(text)
+    source, colon, tail = rest.rpartition(":")
+    return (name, source, tail) if colon and "/" not in tail else (name, rest, None)
 
 
 def parse_weight(text: str, what: str) -> float:

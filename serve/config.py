@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import RecsqlError
-from model.variants import DEFAULT_VARIANT, check_name, parse_weight, shares
+from model.variants import DEFAULT_VARIANT, check_name, parse_weight, shares, split_spec
 
 MB = 1024 * 1024
 REALTIME_MAX_PAYLOAD = 6 * MB  # 6,291,456 bytes: the real-time InvokeEndpoint limit
@@ -38,16 +38,14 @@ def parse_variant(text: str, shadow: bool = False) -> VariantSpec:
     """`NAME=DIR[:WEIGHT]` (a shadow takes no weight); a one-line error naming the spec."""
     flag = "--shadow" if shadow else "--variant"
     usage = "NAME=DIR" if shadow else "NAME=DIR[:WEIGHT]"
-    name, sep, rest = text.strip().partition("=")
-    if not sep or not name or not rest:
-        raise RecsqlError(f"{flag} {text!r}: write {usage}")
+    try:
+        name, directory, tail = split_spec(text.strip())
+    except ValueError:
+        raise RecsqlError(f"{flag} {text!r}: write {usage}") from None
     weight = 1.0
-    directory, colon, tail = rest.rpartition(":")
-    if not colon:
-        directory = rest
-    elif shadow:
+    if tail is not None and shadow:
         raise RecsqlError(f"{flag} {text!r}: a shadow variant takes no weight; write {usage}")
-    else:
+    if tail is not None:
         weight = parse_weight(tail, f"{flag} {text!r}")
     if not directory:
         raise RecsqlError(f"{flag} {text!r}: write {usage}")
