@@ -30,20 +30,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _recsql import random_mfblock, serving  # noqa: E402
-from bench_serve import recorded  # noqa: E402
+from bench_serve import recorded, timed  # noqa: E402
 
 from serve import Invocation, build_dataplane, from_env  # noqa: E402
 
 
 def median_us(plane, request: Invocation, n: int) -> float:
-    for _ in range(20):
-        plane.invoke(request)
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        plane.invoke(request)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return statistics.median(timed(lambda: plane.invoke(request), n, warmup=20)) * 1e6
 
 
 def in_process(setups: dict[str, dict], users: np.ndarray, items: np.ndarray, n: int) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _recsql import random_history_model, serving  # noqa: E402
-from bench_serve import recorded  # noqa: E402
+from bench_serve import recorded, timed  # noqa: E402
 
 from serve import Invocation, build_dataplane, from_env  # noqa: E402
 from serve.events import EVENT, EventBatch, RedisStore  # noqa: E402
@@ -45,16 +45,9 @@ from serve.events import EVENT, EventBatch, RedisStore  # noqa: E402
 EMB, KEEP = 64, 200
 
 
-def timed(plane, body: bytes, content_type: str, n: int) -> tuple[float, float]:
+def p50_p90(plane, body: bytes, content_type: str, n: int) -> tuple[float, float]:
     request = Invocation(body, content_type)
-    for _ in range(20):
-        plane.invoke(request)
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        plane.invoke(request)
-        times.append(time.perf_counter() - start)
-    times.sort()
+    times = sorted(timed(lambda: plane.invoke(request), n, warmup=20))
     return statistics.median(times) * 1e3, times[int(0.9 * len(times))] * 1e3
 
 
@@ -70,9 +63,9 @@ def latency(model_dir: Path, tmp: Path, stores: dict[str, dict], n: int) -> None
             plane.invoke(Invocation(json.dumps({"events": fresh}).encode(), "application/json"))
             cases.append(("5 fresh", 8))
         for label, user in cases:
-            pair = timed(plane, f"{user},1000003\n".encode(), "text/csv", n)
+            pair = p50_p90(plane, f"{user},1000003\n".encode(), "text/csv", n)
             top = json.dumps({"user_id": [user], "top_k": 10}).encode()
-            ranked = timed(plane, top, "application/json", n)
+            ranked = p50_p90(plane, top, "application/json", n)
             print(
                 f"{name:8} {label:14} {pair[0]:8.3f} / {pair[1]:6.3f}"
                 f"   {ranked[0]:8.3f} / {ranked[1]:6.3f}"

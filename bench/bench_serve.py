@@ -61,8 +61,10 @@ def csv_body(user_ids: np.ndarray, item_ids: np.ndarray, n: int) -> bytes:
     return "".join(f"{a},{b}\n" for a, b in zip(u.tolist(), p.tolist(), strict=True)).encode()
 
 
-def timed(fn, repeat: int) -> list[float]:
-    fn()
+def timed(fn, repeat: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeat` calls of fn, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
     out = []
     for _ in range(repeat):
         start = time.perf_counter()
