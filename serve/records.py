@@ -119,6 +119,8 @@ class CsvTable(Table):
         if lines is not None:
             self.lines = lines
         self.n_rows = len(lines) if lines is not None else count_records(body)
+        # width -> (int64 columns, ok), read-only: each width is parsed once (`ints`)
+        self._ints: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
 
     @cached_property
     def lines(self) -> list[bytes]:
@@ -129,24 +131,17 @@ class CsvTable(Table):
         lines = self.lines
         part = CsvTable(b"", [lines[i] for i in rows])
         at = np.asarray(rows, np.int64)
-        for width, (columns, ok) in self.__dict__.get("_ints", {}).items():  # parsed already
-            sliced = [c[at] for c in columns], ok[at]
-            for array in (*sliced[0], sliced[1]):
-                array.flags.writeable = False
-            part.__dict__.setdefault("_ints", {})[width] = sliced
+        for width, (columns, ok) in self._ints.items():  # parsed already: slice, not parse
+            part._ints[width] = _read_only([c[at] for c in columns], ok[at])
         return part
 
     def ints(self, names: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
         """Parsed once per width: a batch split between variants reads its users, then each
         variant's model its pairs (read-only arrays: a caller must not write to them)."""
         width = len(names)
-        cache = self.__dict__.setdefault("_ints", {})
-        if width not in cache:
-            columns, ok = self._parse_ints(width)
-            for array in (*columns, ok):
-                array.flags.writeable = False
-            cache[width] = columns, ok
-        return cache[width]
+        if width not in self._ints:
+            self._ints[width] = _read_only(*self._parse_ints(width))
+        return self._ints[width]
 
     def _parse_ints(self, width: int) -> tuple[list[np.ndarray], np.ndarray]:
         fast = self._ints_fast(width)
@@ -204,6 +199,12 @@ class CsvTable(Table):
                 column[row] = value.decode("utf-8", errors="replace")
             ok[row] = True
         return columns, ok
+
+
+def _read_only(columns: list[np.ndarray], ok: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    for array in (*columns, ok):
+        array.flags.writeable = False
+    return columns, ok
 
 
 def _split_line(line: bytes) -> list[bytes] | None:
